@@ -1,0 +1,25 @@
+"""Pure-PyTorch CoNeTTE inference: audio in, captions and AudioSet tags out.
+
+Pipeline stages, one module each:
+    audio.py      decode (FFmpeg via torchaudio/torchcodec), down-mix, resample to 32 kHz, validate
+    features.py   STFT log-mel (filterbank from the checkpoint) + bn0
+    encoder.py    ConvNeXt encoder, frame embeddings, AudioSet clip probabilities
+    decoder.py    Transformer decoder with KV cache
+    decoding.py   DecodingOptions + batched beam search with the reference's exact semantics
+    tokenizer.py  vocabulary, detokenisation, restricted unpickler for `_extra_state_`
+    checkpoint.py official (config.json + pytorch_model.bin) and serving (safetensors) formats
+    engine.py     CaptioningEngine: the one entry point the TorchServe handler uses
+
+Public API (what the handler and the scripts use):
+
+    engine = CaptioningEngine.load(model_dir, device="cpu", max_duration_s=30.0)
+    engine.tasks                 # list[str], from the checkpoint's config, first = default
+    engine.checkpoint_sha256     # str
+    audio = engine.load_audio(source, sample_rate=None)   # bytes | str | Path | Tensor -> DecodedAudio
+    opts = DecodingOptions.parse(mapping, tasks=engine.tasks)   # validates; raises OptionError
+    results = engine.caption([audio, ...], [opts, ...], timings=None)  # -> list[CaptionResult]
+    results[i].to_dict()         # JSON-ready: caption, score, candidates, task, tags, audio
+
+Errors a client caused are InputError subclasses (AudioError, OptionError) with `.type`
+(short machine-readable str) and `.message` (says what is wrong and the limit).
+"""
