@@ -1,0 +1,220 @@
+"""Decoding options and the batched beam search, with the reference's exact semantics.
+
+The reference (`conette.nn.decoding.beam.generate`) runs, per item and per step:
+  * the first step expands hypothesis 0 only (all hypotheses start from the same task token);
+  * EOS is banned while fewer than `min_pred_size` tokens were generated;
+  * tokens of the repetition mask already present in a hypothesis (task token included) are banned;
+  * top-k over (active hypotheses x vocabulary) of summed log-probs, k = number of still-active hypotheses,
+    so the beam shrinks as hypotheses finish; the p-th best continues in the p-th active slot;
+  * a hypothesis finishes on EOS, or is closed at `max_pred_size` tokens without EOS;
+  * its score is the summed log-prob divided by its number of generated tokens (EOS included);
+  * the best caption is the slot with the highest score.
+Here every item of a batch advances in the same tensor operations: rows are the active hypotheses of all
+items (item-major, slot order), and per-item top-k runs on a padded (items, max_beam * vocab) view.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import OptionError
+from .model import KVCache, TextDecoder
+
+FORBID_REP_MODES = ("none", "content_words", "all")
+MAX_BEAM_SIZE = 16
+MAX_PRED_SIZE_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Per-item options. `forbid_rep_mode=None` uses the checkpoint's own repetition mask (content words)."""
+
+    task: str | None = None
+    beam_size: int = 3
+    min_pred_size: int = 3
+    max_pred_size: int = 20
+    forbid_rep_mode: str | None = None
+    threshold: float | tuple[float, ...] = 0.3
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], tasks: list[str], defaults: "DecodingOptions | None" = None
+              ) -> "DecodingOptions":
+        """Validate client-supplied options (str, bytes or JSON numbers); raises OptionError."""
+        defaults = defaults or cls(task=tasks[0])
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OptionError(f"unknown option(s) {unknown}; accepted: {sorted(known)}", "unknown_option")
+        parsed = {}
+        for name, raw in values.items():
+            value = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+            if name == "task":
+                parsed[name] = _parse_choice(name, value, tasks)
+            elif name == "forbid_rep_mode":
+                parsed[name] = _parse_choice(name, value, FORBID_REP_MODES)
+            elif name == "threshold":
+                parsed[name] = _parse_float(name, value, 0.0, 1.0)
+            elif name == "beam_size":
+                parsed[name] = _parse_int(name, value, 1, MAX_BEAM_SIZE)
+            else:
+                parsed[name] = _parse_int(name, value, 0 if name == "min_pred_size" else 1, MAX_PRED_SIZE_LIMIT)
+        options = replace(defaults, **parsed)
+        if options.min_pred_size > options.max_pred_size:
+            raise OptionError(
+                f"min_pred_size ({options.min_pred_size}) must not exceed max_pred_size ({options.max_pred_size})",
+                "invalid_option",
+            )
+        return options
+
+
+def _parse_choice(name: str, value: Any, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise OptionError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _parse_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    else:
+        number = None
+    if number is None or not low <= number <= high:
+        raise OptionError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return number
+
+
+def _parse_float(name: str, value: Any, low: float, high: float) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        raise OptionError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return number
+
+
+@dataclass
+class BeamResult:
+    """One item's hypotheses in slot order: token ids (no task token; EOS kept when generated), scores."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+
+    @property
+    def best(self) -> int:
+        return int(torch.tensor(self.scores).max(dim=0).indices)
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: TextDecoder,
+    memory: Tensor,
+    memory_lengths: Tensor,
+    bos_ids: Tensor,
+    forbid_masks: Tensor,
+    beam_sizes: list[int],
+    min_pred_sizes: list[int],
+    max_pred_sizes: list[int],
+    eos_id: int,
+) -> list[BeamResult]:
+    """Decode B items at once.
+
+    memory: (B, n_frames, d_model) zero-padded; memory_lengths: (B,) valid frames; bos_ids: (B,) task tokens;
+    forbid_masks: (B, vocab_size) bool repetition masks; beam_sizes/min/max_pred_sizes: per item.
+    """
+    device = memory.device
+    n_items, n_frames, _ = memory.shape
+    vocab_size = decoder.classifier.out_features
+    max_beam = max(beam_sizes)
+
+    beam_sizes_t = torch.tensor(beam_sizes, device=device)
+    min_pred_t = torch.tensor(min_pred_sizes, device=device)
+    max_pred_t = torch.tensor(max_pred_sizes, device=device)
+
+    # Rows = active hypotheses, item-major; `slot` is the fixed output position of each row.
+    row_item = torch.repeat_interleave(torch.arange(n_items, device=device), beam_sizes_t)
+    row_slot = torch.cat([torch.arange(k, device=device) for k in beam_sizes])
+    tokens = bos_ids[row_item]
+    sum_lprobs = torch.zeros(len(row_item), device=device)
+    history = tokens[:, None]
+    seen = torch.zeros(len(row_item), vocab_size, dtype=torch.bool, device=device)
+    seen[torch.arange(len(row_item), device=device), tokens] = True
+
+    memory_kv_items = decoder.memory_key_values(memory)
+    frame_valid = torch.arange(n_frames, device=device)[None, :] < memory_lengths[:, None]
+    padded = not bool(frame_valid.all())
+    cache = KVCache(len(decoder.layers))
+
+    out_tokens: list[list[list[int] | None]] = [[None] * k for k in beam_sizes]
+    out_scores: list[list[float]] = [[0.0] * k for k in beam_sizes]
+    neg_inf = torch.tensor(-math.inf, device=device)
+
+    step = 0
+    while len(row_item) > 0:
+        memory_kv = [(k.index_select(0, row_item), v.index_select(0, row_item)) for k, v in memory_kv_items]
+        memory_mask = frame_valid.index_select(0, row_item)[:, None, None, :] if padded else None
+        logits = decoder.step(tokens, step, cache, memory_kv, memory_mask)
+
+        ban_eos = (step < min_pred_t)[row_item]
+        logits[:, eos_id] = torch.where(ban_eos, neg_inf, logits[:, eos_id])
+        logits = logits.masked_fill(seen & forbid_masks[row_item], -math.inf)
+
+        # Scatter rows into a padded (items, max_beam, vocab) grid; the first step expands slot 0 only.
+        item_ids, row_pos = _positions_within_items(row_item, n_items)
+        candidates = torch.full((n_items, max_beam, vocab_size), -math.inf, device=device)
+        lprobs = torch.log_softmax(logits, dim=1)
+        if step == 0:
+            first = row_pos == 0
+            candidates[item_ids[first], 0] = lprobs[first]
+        else:
+            candidates[item_ids, row_pos] = sum_lprobs[:, None] + lprobs
+        top_values, top_flat = torch.topk(candidates.view(n_items, -1), max_beam, dim=1)
+
+        # Item j keeps its first k_j = (number of active rows of j) candidates, in its active slots.
+        active_per_item = torch.bincount(row_item, minlength=n_items)
+        keep = torch.arange(max_beam, device=device)[None, :] < active_per_item[:, None]
+        item_offset = torch.cumsum(active_per_item, 0) - active_per_item
+        parent_local = torch.div(top_flat, vocab_size, rounding_mode="trunc")
+        parents = (item_offset[:, None] + parent_local)[keep]
+        new_tokens = (top_flat % vocab_size)[keep]
+        sum_lprobs = top_values[keep]
+
+        cache.select(parents)
+        history = torch.cat([history.index_select(0, parents), new_tokens[:, None]], dim=1)
+        seen = seen.index_select(0, parents)
+        seen[torch.arange(len(parents), device=device), new_tokens] = True
+        tokens = new_tokens
+
+        n_generated = step + 1
+        finished = (new_tokens == eos_id) | (n_generated >= max_pred_t[row_item])
+        if bool(finished.any()):
+            for row in finished.nonzero()[:, 0].tolist():
+                item, slot = int(row_item[row]), int(row_slot[row])
+                out_tokens[item][slot] = history[row, 1:].tolist()
+                out_scores[item][slot] = float(sum_lprobs[row] / n_generated)
+            unfinished = (~finished).nonzero()[:, 0]
+            row_item, row_slot = row_item[unfinished], row_slot[unfinished]
+            tokens, sum_lprobs = tokens[unfinished], sum_lprobs[unfinished]
+            history, seen = history[unfinished], seen[unfinished]
+            cache.select(unfinished)
+        step += 1
+
+    return [BeamResult(tokens=toks, scores=scores) for toks, scores in zip(out_tokens, out_scores)]
+
+
+def _positions_within_items(row_item: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
+    """row_item (N,) sorted item ids -> (item id, index of the row within its item) per row."""
+    counts = torch.bincount(row_item, minlength=n_items)
+    starts = torch.cumsum(counts, 0) - counts
+    return row_item, torch.arange(len(row_item), device=row_item.device) - starts[row_item]

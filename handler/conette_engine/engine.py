@@ -1,0 +1,203 @@
+"""CaptioningEngine: the one entry point of the package (loading, audio in, captions and tags out)."""
+
+import csv
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import audio as audio_io
+from .checkpoint import Checkpoint, load_checkpoint
+from .decoding import BeamResult, DecodingOptions, beam_search
+from .errors import CheckpointError, OptionError
+from .model import CoNeTTE, ModelDimensions
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = "1.0.0"
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    score: float
+    candidates: list[tuple[str, float]]  # slot order, as the reference's mult_cands
+    candidate_tokens: list[list[int]]
+    best_tokens: list[int]
+    task: str
+    tags: list[tuple[str, float]]  # by class index, as the reference's tags
+    clip_probs: Tensor  # (n_classes,)
+    audio: audio_io.DecodedAudio | None = None
+    extras: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: candidates and tags best first."""
+        order = sorted(range(len(self.candidates)), key=lambda i: -self.candidates[i][1])
+        result = {
+            "caption": self.caption,
+            "score": self.score,
+            "candidates": [{"caption": self.candidates[i][0], "score": self.candidates[i][1]} for i in order],
+            "task": self.task,
+            "tags": [{"label": label, "score": score} for label, score in sorted(self.tags, key=lambda t: -t[1])],
+        }
+        if self.audio is not None:
+            result["audio"] = {
+                "duration_s": self.audio.duration_s,
+                "sample_rate": self.audio.sample_rate,
+                "channels": self.audio.channels,
+            }
+        return result
+
+
+def load_label_names() -> list[str]:
+    """AudioSet class names by index (527), from the shipped class_labels_indices.csv."""
+    text = resources.files(__package__).joinpath("data/class_labels_indices.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    return [row["display_name"] for row in sorted(rows, key=lambda row: int(row["index"]))]
+
+
+class CaptioningEngine:
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu",
+                 max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S):
+        self.device = torch.device(device)
+        self.max_duration_s = float(max_duration_s)
+        self.checkpoint_sha256 = checkpoint.sha256
+        self.version = ENGINE_VERSION
+        self.vocabulary = checkpoint.vocabulary
+        self.dims = ModelDimensions.from_checkpoint(checkpoint.state_dict, checkpoint.config)
+        if self.dims.vocab_size != len(self.vocabulary):
+            raise CheckpointError(f"vocabulary has {len(self.vocabulary)} tokens, decoder has {self.dims.vocab_size}")
+        self.tasks = list(checkpoint.config["task_names"])
+        if len(self.tasks) != self.dims.n_tasks:
+            raise CheckpointError(f"config lists {len(self.tasks)} tasks, checkpoint has {self.dims.n_tasks}")
+
+        model = CoNeTTE(self.dims)
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+        config = checkpoint.config
+        self.defaults = DecodingOptions(
+            task=self.tasks[0],
+            beam_size=int(config.get("beam_size", 3)),
+            min_pred_size=int(config.get("min_pred_size", 3)),
+            max_pred_size=int(config.get("max_pred_size", 20)),
+        )
+        self.label_names = load_label_names()
+        if len(self.label_names) != self.dims.n_classes:
+            raise CheckpointError(f"{len(self.label_names)} AudioSet labels for {self.dims.n_classes} classes")
+        self._task_token = dict(zip(self.tasks, self.model.model.task_id_to_token_id.tolist()))
+        vocab_size = self.dims.vocab_size
+        self._forbid_masks = {
+            None: self.model.model.forbid_rep_mask.to(self.device),
+            "content_words": self.vocabulary.content_words_mask().to(self.device),
+            "all": torch.ones(vocab_size, dtype=torch.bool, device=self.device),
+            "none": torch.zeros(vocab_size, dtype=torch.bool, device=self.device),
+        }
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+             max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S) -> "CaptioningEngine":
+        return cls(load_checkpoint(model_dir), device=device, max_duration_s=max_duration_s)
+
+    def parse_options(self, values) -> DecodingOptions:
+        return DecodingOptions.parse(values, tasks=self.tasks, defaults=self.defaults)
+
+    def load_audio(self, source, sample_rate: int | None = None) -> audio_io.DecodedAudio:
+        return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=self.max_duration_s)
+
+    @torch.inference_mode()
+    def encode(self, waveforms: list[Tensor], timings: dict | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Mono 32 kHz waveforms (n_i,) -> per item: decoder memory (n_frames_i, d_model), clip probs (n_classes,).
+
+        Items of equal length share an encoder batch; padding never enters the encoder.
+        """
+        timings = timings if timings is not None else {}
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, waveform in enumerate(waveforms):
+            groups[waveform.shape[-1]].append(i)
+        memories: list[Tensor | None] = [None] * len(waveforms)
+        clip_probs: list[Tensor | None] = [None] * len(waveforms)
+        encoder = self.model.encoder
+        for indices in groups.values():
+            batch = torch.stack([waveforms[i] for i in indices]).to(self.device)
+            with _timed(timings, "logmel"):
+                log_mel = encoder.log_mel(batch)
+            with _timed(timings, "encoder"):
+                frame_embs, probs = encoder(log_mel)
+                memory = self.model.project(frame_embs)
+            for j, i in enumerate(indices):
+                memories[i], clip_probs[i] = memory[j], probs[j]
+        return memories, clip_probs
+
+    @torch.inference_mode()
+    def caption(self, audios: list, options: list[DecodingOptions] | DecodingOptions | None = None,
+                timings: dict | None = None) -> list[CaptionResult]:
+        """audios: DecodedAudio or mono 32 kHz (n,) tensors; options: one per item (or one for all)."""
+        if not audios:
+            return []
+        if options is None or isinstance(options, DecodingOptions):
+            options = [options or self.defaults] * len(audios)
+        if len(options) != len(audios):
+            raise ValueError(f"{len(options)} options for {len(audios)} audios")
+        timings = timings if timings is not None else {}
+        for opts in options:
+            if opts.task not in self._task_token:
+                raise OptionError(f"task must be one of {self.tasks}, got {opts.task!r}")
+        decoded = [a if isinstance(a, audio_io.DecodedAudio) else None for a in audios]
+        waveforms = [a.waveform if isinstance(a, audio_io.DecodedAudio) else a for a in audios]
+
+        memories, clip_probs = self.encode(waveforms, timings)
+        with _timed(timings, "beam_search"):
+            beams = self._beam_search(memories, options)
+        return [
+            self._result(beam, probs, opts, audio)
+            for beam, probs, opts, audio in zip(beams, clip_probs, options, decoded)
+        ]
+
+    def _beam_search(self, memories: list[Tensor], options: list[DecodingOptions]) -> list[BeamResult]:
+        lengths = torch.tensor([m.shape[0] for m in memories], device=self.device)
+        memory = torch.nn.utils.rnn.pad_sequence(memories, batch_first=True)
+        return beam_search(
+            self.model.decoder,
+            memory,
+            lengths,
+            bos_ids=torch.tensor([self._task_token[o.task] for o in options], device=self.device),
+            forbid_masks=torch.stack([self._forbid_masks[o.forbid_rep_mode] for o in options]),
+            beam_sizes=[o.beam_size for o in options],
+            min_pred_sizes=[o.min_pred_size for o in options],
+            max_pred_sizes=[o.max_pred_size for o in options],
+            eos_id=self.vocabulary.eos_id,
+        )
+
+    def _result(self, beam: BeamResult, probs: Tensor, opts: DecodingOptions, audio) -> CaptionResult:
+        captions = [self.vocabulary.decode(tokens) for tokens in beam.tokens]
+        best = beam.best
+        probs = probs.float().cpu()
+        threshold = torch.as_tensor(opts.threshold, dtype=probs.dtype)
+        tag_ids = (probs >= threshold).nonzero()[:, 0].tolist()
+        return CaptionResult(
+            caption=captions[best],
+            score=beam.scores[best],
+            candidates=list(zip(captions, beam.scores)),
+            candidate_tokens=beam.tokens,
+            best_tokens=beam.tokens[best],
+            task=opts.task,
+            tags=[(self.label_names[i], float(probs[i])) for i in tag_ids],
+            clip_probs=probs,
+            audio=audio,
+        )
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
