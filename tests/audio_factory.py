@@ -12,6 +12,7 @@ them `sample_rate` is only the rate the signal is generated at.
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -81,3 +82,14 @@ def _tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed (apt-get install ffmpeg espeak-ng)")
     return path
+
+
+def float_wav_bytes(waveform, sample_rate: int) -> bytes:
+    """An IEEE-float 32-bit WAV holding `waveform` (channels, n_frames) exactly as given,
+    NaN and infinity included (which no encoder would write). For short test signals."""
+    channels, n_frames = waveform.shape
+    samples = waveform.t().flatten().tolist()  # interleaved frames
+    data = struct.pack(f"<{len(samples)}f", *samples)
+    fmt_chunk = struct.pack("<HHIIHH", 3, channels, sample_rate, sample_rate * channels * 4, channels * 4, 32)
+    chunks = b"fmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks

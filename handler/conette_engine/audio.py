@@ -77,6 +77,8 @@ _ROLLOFF = 0.99
 
 # torchcodec prefixes its messages with a C++ source location ("...Decoder.cpp:70, ").
 _SOURCE_LOCATION = re.compile(r"^.*\.(?:cpp|h):\d+, ")
+# ...and says this (with its own range arguments) when a stream holds no audio frame at all.
+_NO_FRAMES_DECODED = "No audio frames were decoded"
 
 
 @dataclass
@@ -285,6 +287,10 @@ def _too_long(how_long: str, max_duration_s: float) -> AudioError:
 
 
 def _undecodable(error: Exception) -> AudioError:
-    reason = _SOURCE_LOCATION.sub("", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    """The AudioError for a torchcodec failure: FFmpeg's reason, without source locations."""
+    lines = str(error).strip().splitlines()
+    reason = _SOURCE_LOCATION.sub("", lines[0]) if lines else ""
+    if reason.startswith(_NO_FRAMES_DECODED):  # e.g. a WAV header with no data
+        return AudioError("the audio has no samples (FFmpeg decoded no audio frames)", type="empty_audio")
     detail = f": {reason}" if reason else ""
     return AudioError(f"the audio could not be decoded by FFmpeg{detail}", type="undecodable_audio")
