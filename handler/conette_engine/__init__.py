@@ -1,10 +1,8 @@
 """Pure-PyTorch CoNeTTE inference: audio in, captions and AudioSet tags out.
 
 Pipeline stages, one module each:
-    audio.py      decode (FFmpeg via torchaudio/torchcodec), down-mix, resample to 32 kHz, validate
-    features.py   STFT log-mel (filterbank from the checkpoint) + bn0
-    encoder.py    ConvNeXt encoder, frame embeddings, AudioSet clip probabilities
-    decoder.py    Transformer decoder with KV cache
+    audio.py      decode (FFmpeg via torchcodec), validate, resample to 32 kHz, down-mix
+    model.py      ModelDimensions; log-mel + ConvNeXt encoder + AudioSet head; projection; KV-cached decoder
     decoding.py   DecodingOptions + batched beam search with the reference's exact semantics
     tokenizer.py  vocabulary, detokenisation, restricted unpickler for `_extra_state_`
     checkpoint.py official (config.json + pytorch_model.bin) and serving (safetensors) formats
@@ -16,10 +14,21 @@ Public API (what the handler and the scripts use):
     engine.tasks                 # list[str], from the checkpoint's config, first = default
     engine.checkpoint_sha256     # str
     audio = engine.load_audio(source, sample_rate=None)   # bytes | str | Path | Tensor -> DecodedAudio
-    opts = DecodingOptions.parse(mapping, tasks=engine.tasks)   # validates; raises OptionError
+    opts = engine.parse_options(mapping)   # DecodingOptions.parse with the checkpoint's defaults; OptionError
     results = engine.caption([audio, ...], [opts, ...], timings=None)  # -> list[CaptionResult]
+    # timings, when given a dict, gets seconds per stage: "logmel", "encoder", "beam_search"
     results[i].to_dict()         # JSON-ready: caption, score, candidates, task, tags, audio
 
 Errors a client caused are InputError subclasses (AudioError, OptionError) with `.type`
 (short machine-readable str) and `.message` (says what is wrong and the limit).
 """
+
+from .audio import DecodedAudio, load_audio
+from .decoding import DecodingOptions
+from .engine import CaptioningEngine, CaptionResult
+from .errors import AudioError, CheckpointError, InputError, OptionError, UnsafePickleError
+
+__all__ = [
+    "AudioError", "CaptionResult", "CaptioningEngine", "CheckpointError", "DecodedAudio", "DecodingOptions",
+    "InputError", "OptionError", "UnsafePickleError", "load_audio",
+]
