@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torchaudio
 from torch import Tensor
+from torchcodec.decoders import AudioDecoder
 
 from .errors import AudioError
 
@@ -112,8 +113,6 @@ def decode_audio(
     DECODE_SLACK_S is refused before decoding, and decoding stops after that many seconds
     in any case, so a small file cannot expand to hours of samples.
     """
-    from torchcodec.decoders import AudioDecoder
-
     if isinstance(source, (bytearray, memoryview)):
         source = bytes(source)
     if isinstance(source, bytes):
