@@ -46,7 +46,7 @@ ENCODER_DIMS = (96, 192, 384, 768)
 N_MELS, N_FFT, SAMPLE_RATE, F_MIN, F_MAX = 224, 1024, 32000, 50.0, 14000.0
 N_AUDIOSET_CLASSES = 527
 MAX_POSITIONS = 5000
-EOS_BIAS = 4.0
+EOS_BIAS = 6.0
 # Larger gains on the audio -> text path so captions depend on the audio, as with a trained model.
 GAIN_CROSS_ATTN_IN = 4.0
 GAIN_CROSS_ATTN_OUT = 0.5
@@ -221,8 +221,8 @@ def encoder_tensors(rand: RandomTensors, depths: list[int]) -> OrderedDict:
     sd[prefix + "norm.weight"] = rand.norm_weight(ENCODER_DIMS[-1])
     sd[prefix + "norm.bias"] = rand.bias(ENCODER_DIMS[-1])
     sd[prefix + "head_audioset.weight"] = rand.weight(N_AUDIOSET_CLASSES, ENCODER_DIMS[-1])
-    # Bias around -2 so a minority of tags pass the default 0.3 threshold.
-    sd[prefix + "head_audioset.bias"] = rand.normal(N_AUDIOSET_CLASSES, std=0.75, mean=-2.0)
+    # Bias around -3.5 so a minority of tags pass the default 0.3 threshold.
+    sd[prefix + "head_audioset.bias"] = rand.normal(N_AUDIOSET_CLASSES, std=0.75, mean=-3.5)
     return sd
 
 

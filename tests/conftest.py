@@ -1,0 +1,267 @@
+"""Shared fixtures: a real TorchServe serving a .mar built from a generated test checkpoint.
+
+Fixtures for any test module:
+
+    test_checkpoint_dir   official-format checkpoint made by scripts/make_test_checkpoint.py (session, tmp dir);
+                          set CONETTE_TEST_CHECKPOINT=/path to use another checkpoint folder (official or serving)
+    model_store_dir       a model store holding conette.mar built from it by scripts/build_mar.sh (session)
+    ts_server             a running TorchServe (session), stopped cleanly at the end (asserts no process is left)
+
+`ts_server` is a TorchServeInstance (stable interface):
+
+    .inference_url      "http://127.0.0.1:18080"      .model_name        "conette"
+    .management_url     "http://127.0.0.1:18081"      .token             inference key (Authorization: Bearer ...)
+    .metrics_url        "http://127.0.0.1:18082"      .management_token  management key
+    .workdir            TorchServe's cwd (key_file.json, logs/)
+    .key_file           path of key_file.json
+    .request(method, path, api="inference"|"management"|"metrics", token=<default key of that api>, **kw)
+                        requests.request with the right base URL and Authorization header; token=None sends none
+    .predict(**kw)      POST /predictions/<model_name> with the inference key
+    .metrics_text()     GET /metrics body
+    .workers()          the model's workers as described by the management API
+    .wait_for_workers(n, timeout=...)   block until exactly n workers are READY
+
+The server runs the repository's config.properties with only the addresses, paths and ports changed (18080-18082,
+gRPC 17070/17071), so it never collides with `make serve`; its TEMP (pid file, worker sockets, extracted .mar) is a
+private tmp dir. Token authorization is ON, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "conette"
+TEST_PORTS = {"inference": 18080, "management": 18081, "metrics": 18082, "grpc_inference": 17070,
+              "grpc_management": 17071}
+STARTUP_TIMEOUT_S = 240
+VENV_BIN = Path(sys.executable).parent
+
+
+def run_checked(command: list, **kwargs) -> subprocess.CompletedProcess:
+    completed = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed ({completed.returncode}):\n"
+                           f"{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    properties = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+@dataclass
+class TorchServeInstance:
+    workdir: Path
+    model_store: Path
+    model_name: str = MODEL_NAME
+    ports: dict = field(default_factory=lambda: dict(TEST_PORTS))
+    overrides: dict = field(default_factory=dict)  # extra config.properties entries (e.g. to disable auth)
+    process: subprocess.Popen | None = None
+    keys: dict = field(default_factory=dict)
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def token(self) -> str | None:
+        return self.keys.get("inference")
+
+    @property
+    def management_token(self) -> str | None:
+        return self.keys.get("management")
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.workdir / "tmp"
+
+    @property
+    def env(self) -> dict:
+        # TEMP isolates the pid file, the worker sockets and the extracted .mar from any other TorchServe.
+        return {**os.environ, "TEMP": str(self.temp_dir), "TMPDIR": str(self.temp_dir),
+                "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs"),
+                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def write_config(self) -> Path:
+        properties = read_properties(REPO_ROOT / "config.properties")
+        properties.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "model_store": str(self.model_store),
+            "workflow_store": str(self.workdir / "no-workflows"),
+            "metrics_config": str(REPO_ROOT / properties.get("metrics_config", "metrics.yaml")),
+            **self.overrides,
+        })
+        config = self.workdir / "config.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+        return config
+
+    def start(self) -> "TorchServeInstance":
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "no-workflows").mkdir(exist_ok=True)
+        config = self.write_config()
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+            cwd=self.workdir, env=self.env, stdout=open(self.workdir / "torchserve.out", "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            self.wait_for_workers(1, timeout=STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read_keys(self) -> None:
+        if self.keys or self.overrides.get("disable_token_authorization") == "true":
+            return
+        if self.key_file.is_file():
+            keys = json.loads(self.key_file.read_text())
+            self.keys = {name: entry["key"] for name, entry in keys.items()}
+
+    def request(self, method: str, path: str, api: str = "inference", token: str | None = "default",
+                **kwargs) -> requests.Response:
+        base = {"inference": self.inference_url, "management": self.management_url,
+                "metrics": self.metrics_url}[api]
+        if token == "default":
+            token = {"inference": self.token, "management": self.management_token}.get(api)
+        headers = dict(kwargs.pop("headers", None) or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 120)
+        return requests.request(method, base + path, headers=headers, **kwargs)
+
+    def predict(self, **kwargs) -> requests.Response:
+        return self.request("POST", f"/predictions/{self.model_name}", **kwargs)
+
+    def metrics_text(self) -> str:
+        response = self.request("GET", "/metrics", api="metrics")
+        response.raise_for_status()
+        return response.text
+
+    def workers(self) -> list[dict]:
+        response = self.request("GET", f"/models/{self.model_name}", api="management")
+        response.raise_for_status()
+        return response.json()[0]["workers"]
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited ({self.process.returncode}):\n{self.log_tail()}")
+            if self.worker_died():
+                raise RuntimeError(f"a TorchServe worker died:\n{self.log_tail()}")
+            self._read_keys()
+            try:
+                workers = self.workers()
+                ready = [w for w in workers if w["status"] == "READY"]
+                if len(ready) == n and len(workers) == n:
+                    return workers
+                last = json.dumps(workers)
+            except (requests.RequestException, KeyError, IndexError, ValueError) as error:
+                last = repr(error)
+            time.sleep(0.5)
+        raise TimeoutError(f"{n} READY worker(s) not reached in {timeout} s (last: {last}):\n{self.log_tail()}")
+
+    def worker_died(self) -> bool:
+        model_log = self.workdir / "logs" / "model_log.log"
+        return model_log.is_file() and "Backend worker process died" in model_log.read_text(errors="replace")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        texts = []
+        for log in [self.workdir / "torchserve.out", *sorted((self.workdir / "logs").glob("*.log"))]:
+            if log.is_file():
+                texts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}")
+        return "\n".join(texts)
+
+    def own_processes(self) -> list[psutil.Process]:
+        """Live processes of this instance: the frontend (cmdline names our config) and workers (our TEMP)."""
+        marks = (str(self.workdir),)
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if any(mark in cmdline for mark in marks):
+                found.append(process)
+        return found
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process is None:
+            return
+        subprocess.run([str(VENV_BIN / "torchserve"), "--stop", "--foreground"], cwd=self.workdir, env=self.env,
+                       capture_output=True, timeout=timeout + 10)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise AssertionError(f"TorchServe did not stop within {timeout} s")
+        finally:
+            self.process = None
+        deadline = time.monotonic() + 30
+        while self.own_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def test_checkpoint_dir(tmp_path_factory) -> Path:
+    configured = os.environ.get("CONETTE_TEST_CHECKPOINT")
+    if configured:
+        return Path(configured)
+    out = tmp_path_factory.mktemp("checkpoint")
+    run_checked([sys.executable, str(REPO_ROOT / "scripts" / "make_test_checkpoint.py"), str(out), "--seed", "0"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_store_dir(tmp_path_factory, test_checkpoint_dir) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    run_checked(["bash", str(REPO_ROOT / "scripts" / "build_mar.sh"), str(test_checkpoint_dir), str(store)],
+                env={**os.environ, "PYTHON": sys.executable})
+    return store
+
+
+@pytest.fixture(scope="session")
+def ts_server(tmp_path_factory, model_store_dir):
+    if shutil.which("java") is None:
+        pytest.fail("java is not installed: TorchServe needs a JRE 17 (apt-get install default-jre-headless)")
+    server = TorchServeInstance(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store_dir)
+    server.start()
+    yield server
+    server.stop()
+    left = [(p.pid, " ".join(p.cmdline())[:200]) for p in server.own_processes()]
+    assert not left, f"processes left after stop: {left}"
