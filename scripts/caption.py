@@ -1,0 +1,393 @@
+#!/usr/bin/env python
+"""Caption many audio files with a running conette-serve (TorchServe) server.
+
+    python scripts/caption.py --audio clips/ "more/**/*.flac" one.wav --csv_export captions.csv
+
+The client-side counterpart of the reference's `conette-predict`: the same --audio, --task and
+--csv_export arguments, plus the decoding options the server accepts. Each file is POSTed as raw
+bytes (Content-Type: application/octet-stream) to {url}/predictions/{model} with the options as query
+parameters, several at a time (--concurrency). Busy or unreachable servers (HTTP 502/503/504/507,
+connection errors, timeouts) are retried with exponential backoff; a file the server rejects is
+reported and the run goes on.
+
+Output: one line per file on stdout ("PATH [task] caption"), or JSON lines with --json (the server's
+response plus "file", or "file", "task", "status" and "error" for a failed file); errors, the progress bar and a
+closing summary (files, audio hours, wall time, failures) on stderr.
+
+The inference token is --token, or the "inference" key of TorchServe's key_file.json, read from
+--key-file, else from ./key_file.json, else from the repository root.
+
+Exit status: 0 when every file was captioned, 1 when some failed, 2 when the run could not start or
+the server refused the token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from torchserve_keys import KEY_FILE_NAME, KeyFileError, resolve_token
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MODEL = "conette"
+# What a directory given to --audio contributes; files named explicitly are sent whatever their name.
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aif", ".aiff", ".wma"}
+# Server busy (TorchServe: 503 queue full or no worker, 507 worker out of memory) or a proxy in front
+# of it restarting (502, 504): worth another try later.
+RETRY_STATUSES = {502, 503, 504, 507}
+DECODING_OPTIONS = ("beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode", "threshold")
+CSV_COLUMNS = ("audio", "task", "candidate", "score", "tags", "duration_s", "error")
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
+
+
+class UsageError(Exception):
+    """The run cannot start; str(self) says why."""
+
+
+class AuthorizationError(Exception):
+    """The server refused the token: every other file would fail the same way."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one file: `response` on success, `error` ({"type", "message"}) otherwise."""
+
+    audio: str
+    task: str | None
+    response: dict | None = None
+    error: dict | None = None
+    status: int | None = None
+    attempts: int = 0
+
+    def json_line(self) -> str:
+        # "file", not "audio": the server's answer already has an "audio" object (duration, rate, channels).
+        if self.response is not None:
+            return json.dumps({"file": self.audio, **self.response}, ensure_ascii=False)
+        return json.dumps({"file": self.audio, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False)
+
+    def csv_row(self) -> dict:
+        if self.response is None:
+            return {"audio": self.audio, "task": self.task or "", "error": f"{self.error['type']}: {self.error['message']}"}
+        return {
+            "audio": self.audio,
+            "task": self.response.get("task", ""),
+            "candidate": self.response.get("caption", ""),
+            "score": self.response.get("score", ""),
+            "tags": "; ".join(tag["label"] for tag in self.response.get("tags", [])),
+            "duration_s": self.response.get("audio", {}).get("duration_s", ""),
+            "error": "",
+        }
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def expand_audio_args(entries: list[str]) -> list[str]:
+    """Files as given, directories walked (audio suffixes only), globs expanded; order kept, no duplicates."""
+    paths: list[str] = []
+    for entry in entries:
+        if os.path.isdir(entry):
+            found = [
+                os.path.join(root, name)
+                for root, _, names in os.walk(entry)
+                for name in names
+                if Path(name).suffix.lower() in AUDIO_SUFFIXES
+            ]
+            if not found:
+                raise UsageError(f"directory {entry} holds no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
+            paths.extend(sorted(found))
+        elif not os.path.exists(entry) and glob.has_magic(entry):
+            found = [path for path in glob.glob(entry, recursive=True) if os.path.isfile(path)]
+            if not found:
+                raise UsageError(f"pattern {entry} matches no file")
+            paths.extend(sorted(found))
+        else:
+            # A missing file is reported per file, like any other failure, not as a usage error.
+            paths.append(entry)
+    return list(dict.fromkeys(paths))
+
+
+def tasks_per_file(tasks: list[str] | None, n_files: int) -> list[str | None]:
+    """Like conette-predict: no task (server default), one task for all files, or one per file."""
+    if not tasks:
+        return [None] * n_files
+    if len(tasks) == 1:
+        return tasks * n_files
+    if len(tasks) == n_files:
+        return list(tasks)
+    raise UsageError(f"--task takes one task, or one per file: got {len(tasks)} tasks for {n_files} files")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Client:
+    endpoint: str
+    token: str | None
+    params: dict[str, str]
+    retries: int
+    backoff_s: float
+    timeout_s: float
+    _local: threading.local = field(default_factory=threading.local)
+    # Set once the server refused the token: files not yet started are then skipped.
+    refused: threading.Event = field(default_factory=threading.Event)
+
+    def session(self) -> requests.Session:
+        # One session per thread: requests.Session is not documented as thread-safe.
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+            if self.token:
+                self._local.session.headers["Authorization"] = f"Bearer {self.token}"
+        return self._local.session
+
+    def caption(self, path: str, task: str | None) -> Outcome | None:
+        """The outcome for one file, or None when the run was stopped before it started."""
+        if self.refused.is_set():
+            return None
+        outcome = Outcome(audio=path, task=task)
+        try:
+            body = Path(path).read_bytes()
+        except OSError as error:
+            outcome.error = {"type": "file_unreadable", "message": f"{error.strerror or error}"}
+            return outcome
+        params = dict(self.params, **({"task": task} if task else {}))
+        for attempt in range(self.retries + 1):
+            outcome.attempts = attempt + 1
+            retry_after = None
+            try:
+                response = self.session().post(
+                    self.endpoint,
+                    params=params,
+                    data=body,
+                    headers={"Content-Type": "application/octet-stream"},
+                    timeout=(10.0, self.timeout_s),
+                )
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+                outcome.status, outcome.error = None, {"type": "connection_error", "message": str(error)}
+            except requests.RequestException as error:
+                outcome.status, outcome.error = None, {"type": "request_error", "message": str(error)}
+                return outcome
+            else:
+                outcome.status = response.status_code
+                if response.status_code == 200:
+                    try:
+                        outcome.response, outcome.error = response.json(), None
+                    except ValueError:
+                        outcome.error = {"type": "bad_response", "message": f"not JSON: {response.text[:200]!r}"}
+                    return outcome
+                outcome.error = error_of(response)
+                if is_authorization_failure(response):
+                    self.refused.set()
+                    raise AuthorizationError(f"{outcome.error['type']}: {outcome.error['message']}")
+                if response.status_code not in RETRY_STATUSES:
+                    return outcome
+                retry_after = response.headers.get("Retry-After")
+            if attempt < self.retries:
+                time.sleep(backoff_delay(attempt, self.backoff_s, retry_after))
+        return outcome
+
+
+def error_of(response: requests.Response) -> dict:
+    """{"type", "message"} from our handler's {"error": {...}} or TorchServe's {"code", "type", "message"}."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        inner = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+        if "message" in inner:
+            return {"type": str(inner.get("type", f"http_{response.status_code}")), "message": str(inner["message"])}
+    return {"type": f"http_{response.status_code}", "message": response.text.strip()[:500] or response.reason}
+
+
+def is_authorization_failure(response: requests.Response) -> bool:
+    # TorchServe answers a missing or wrong token with 400 InvalidKeyException; proxies use 401/403.
+    return response.status_code in (401, 403) or (
+        response.status_code == 400 and "InvalidKeyException" in response.text
+    )
+
+
+def backoff_delay(attempt: int, base_s: float, retry_after: str | None) -> float:
+    """Exponential backoff with jitter, or the server's Retry-After when it gives one in seconds."""
+    if retry_after is not None and retry_after.strip().isdigit():
+        return float(retry_after)
+    return min(base_s * 2**attempt, 30.0) * random.uniform(0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+class ProgressBar:
+    """One self-rewriting line on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.failed = total, 0, 0
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def update(self, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} files, "
+            f"{self.failed} failed, {elapsed:.0f}s elapsed, ~{eta:.0f}s left "
+        )
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def write_csv(path: str, outcomes: list[Outcome]) -> None:
+    """Write to a temporary file next to `path`, then rename: a reader never sees half a CSV."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(outcome.csv_row() for outcome in outcomes)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def summary_line(outcomes: list[Outcome], wall_s: float) -> str:
+    failed = sum(outcome.response is None for outcome in outcomes)
+    audio_s = sum(outcome.response.get("audio", {}).get("duration_s", 0.0) for outcome in outcomes if outcome.response)
+    return (
+        f"summary: {len(outcomes)} files, {len(outcomes) - failed} captioned, {failed} failed, "
+        f"{audio_s / 3600:.4f} audio hours, {wall_s:.1f} s wall time"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Caption audio files with a running conette-serve server.",
+        epilog="Exit status: 0 all captioned, 1 some files failed, 2 the run could not start or the token was refused.",
+    )
+    parser.add_argument("--audio", nargs="+", required=True, help="audio files, directories (walked) and glob patterns")
+    parser.add_argument("--task", nargs="+", default=None, help="task for all files, or one per file (default: the server's, clotho)")
+    parser.add_argument("--beam_size", type=int, help="beam width")
+    parser.add_argument("--min_pred_size", type=int, help="minimum caption length in tokens")
+    parser.add_argument("--max_pred_size", type=int, help="maximum caption length in tokens")
+    parser.add_argument("--forbid_rep_mode", help="repetition rule, e.g. content_words or none")
+    parser.add_argument("--threshold", type=float, help="AudioSet tag probability threshold")
+    parser.add_argument("--csv_export", help="write a CSV (audio,task,candidate,score,tags,duration_s,error)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file on stdout")
+    parser.add_argument("--url", default=DEFAULT_URL, help="inference API base URL (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
+    parser.add_argument("--token", help="inference token (default: from TorchServe's key_file.json when found)")
+    parser.add_argument("--key-file", help=f"TorchServe key file to read the inference token from (default: ./{KEY_FILE_NAME}, then the repository root)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
+    parser.add_argument("--retries", type=int, default=5, help="retries per file on 502/503/504/507 and connection errors (default: %(default)s)")
+    parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.retries < 0 or args.backoff < 0 or args.timeout <= 0:
+        parser.error("--concurrency must be >= 1, --retries and --backoff >= 0, --timeout > 0")
+    return args
+
+
+def report(outcome: Outcome, as_json: bool) -> None:
+    if as_json:
+        print(outcome.json_line(), flush=True)
+    elif outcome.response is not None:
+        print(f"{outcome.audio} [{outcome.response.get('task', '')}] {outcome.response.get('caption', '')}", flush=True)
+    if outcome.response is None:
+        status = f"HTTP {outcome.status}, " if outcome.status else ""
+        tries = f", after {outcome.attempts} attempts" if outcome.attempts > 1 else ""
+        print(f"error: {outcome.audio}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = expand_audio_args(args.audio)
+    tasks = tasks_per_file(args.task, len(paths))
+    options = {name: str(getattr(args, name)) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+    client = Client(
+        endpoint=f"{args.url.rstrip('/')}/predictions/{args.model}",
+        token=resolve_token("inference", args.token, args.key_file),
+        params=options,
+        retries=args.retries,
+        backoff_s=args.backoff,
+        timeout_s=args.timeout,
+    )
+    started = time.monotonic()
+    outcomes: list[Outcome | None] = [None] * len(paths)
+    progress = ProgressBar(len(paths), enabled=not args.no_progress)
+    progress.draw()
+    refused: AuthorizationError | None = None
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = {pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except AuthorizationError as error:
+                refused = refused or error
+                continue
+            if outcome is None:
+                continue
+            outcomes[futures[future]] = outcome
+            progress.clear()
+            report(outcome, args.json)
+            progress.update(failed=outcome.response is None)
+    progress.clear()
+    if refused is not None:
+        print(
+            f"error: the server refused the inference token ({refused}). Pass --token, or --key-file pointing at the "
+            f"{KEY_FILE_NAME} that TorchServe wrote in the directory it was started from (its inference key expires "
+            "after token_expiration_min, 60 by default).",
+            file=sys.stderr,
+        )
+        return EXIT_CANNOT_RUN
+    finished = [outcome for outcome in outcomes if outcome is not None]
+    if args.csv_export:
+        write_csv(args.csv_export, finished)
+    print(summary_line(finished, time.monotonic() - started), file=sys.stderr)
+    return EXIT_SOME_FAILED if any(outcome.response is None for outcome in finished) else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, KeyFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Operate a running conette-serve TorchServe without hand-crafted curl calls.
+
+    python scripts/manage.py describe            # model, batching settings and workers
+    python scripts/manage.py scale 3             # exactly 3 workers; returns once they are up (or down)
+    python scripts/manage.py metrics             # key metrics from the metrics port, with averages
+
+The management API (default http://127.0.0.1:8081) needs the management key: --token, or the
+"management" key of TorchServe's key_file.json (--key-file, else ./key_file.json, else the repository
+root). The metrics port needs none. --json prints the server's answers as they are.
+
+Exit status: 0 on success, 1 when the server answers with an error or cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+import requests
+
+from torchserve_keys import KeyFileError, resolve_token
+
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+DEFAULT_METRICS_URL = "http://127.0.0.1:8082"
+DEFAULT_MODEL = "conette"
+# What an operator looks at first: traffic, errors, latency, queueing, batching, load (metrics.yaml).
+KEY_METRICS = (
+    "ts_inference_requests_total",
+    "ts_inference_latency_microseconds",
+    "ts_queue_latency_microseconds",
+    "Requests2XX",
+    "Requests4XX",
+    "Requests5XX",
+    "RequestErrors",
+    "AudioSecondsProcessed",
+    "BatchSize",
+    "StageLatencySeconds",
+    "QueueTime",
+    "HandlerTime",
+    "PredictionTime",
+    "CPUUtilization",
+    "MemoryUsed",
+)
+SAMPLE_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
+
+
+class ServerError(Exception):
+    """The server answered with an error or could not be reached; str(self) says which."""
+
+
+def call(method: str, url: str, token: str | None, timeout: float, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = requests.request(method, url, headers=headers, timeout=timeout, **kwargs)
+    except requests.RequestException as error:
+        raise ServerError(f"{method} {url} failed: {error}") from error
+    if response.status_code >= 400:
+        raise ServerError(f"{method} {url} answered {response.status_code}: {response.text.strip()[:500]}")
+    return response
+
+
+def describe_text(description: dict) -> str:
+    workers = description.get("workers", [])
+    lines = [
+        f"model {description.get('modelName')} version {description.get('modelVersion')} "
+        f"({description.get('modelUrl')})",
+        f"batch size {description.get('batchSize')}, max batch delay {description.get('maxBatchDelay')} ms, "
+        f"response timeout {description.get('responseTimeout')} s, job queue {description.get('jobQueueSize', '?')}",
+        f"workers: {len(workers)} (min {description.get('minWorkers')}, max {description.get('maxWorkers')}), "
+        f"{sum(w.get('status') == 'READY' for w in workers)} READY",
+    ]
+    for worker in workers:
+        lines.append(
+            f"  worker {worker.get('id')}: {worker.get('status')}, pid {worker.get('pid')}, "
+            f"memory {worker.get('memoryUsage', 0) / 2**20:.0f} MiB, gpu {worker.get('gpu')}"
+        )
+    return "\n".join(lines)
+
+
+def describe(args: argparse.Namespace, token: str | None) -> str:
+    response = call("GET", f"{args.management_url}/models/{args.model}", token, args.timeout)
+    descriptions = response.json()
+    if args.json:
+        return json.dumps(descriptions, indent=2)
+    return "\n\n".join(describe_text(description) for description in descriptions)
+
+
+def scale(args: argparse.Namespace, token: str | None) -> str:
+    max_workers = args.max_workers if args.max_workers is not None else args.workers
+    if args.workers < 0 or max_workers < args.workers:
+        raise ServerError(f"invalid worker counts: min {args.workers}, max {max_workers}")
+    # synchronous=true: the call returns once the workers are started (or stopped), so that what
+    # `describe` shows next is the new state, not a transition.
+    response = call(
+        "PUT",
+        f"{args.management_url}/models/{args.model}",
+        token,
+        args.timeout,
+        params={"min_worker": args.workers, "max_worker": max_workers, "synchronous": "true"},
+    )
+    if args.json:
+        return response.text.strip()
+    message = response.json().get("status", response.text.strip())
+    return f"{message}\n{describe(args, token)}"
+
+
+def parse_prometheus(text: str) -> list[tuple[str, str, float]]:
+    samples = []
+    for line in text.splitlines():
+        match = SAMPLE_LINE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        samples.append((match["name"], match["labels"] or "", value))
+    return samples
+
+
+def base_name(name: str) -> str:
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def metrics(args: argparse.Namespace, _token: str | None) -> str:
+    response = call("GET", f"{args.metrics_url}/metrics", None, args.timeout)
+    if args.json:
+        return json.dumps([{"name": n, "labels": l, "value": v} for n, l, v in parse_prometheus(response.text)], indent=2)
+    samples = [
+        (name, labels, value)
+        for name, labels, value in parse_prometheus(response.text)
+        if (args.all or base_name(name) in KEY_METRICS) and not name.endswith("_bucket")
+    ]
+    if not samples:
+        return f"no metrics yet at {args.metrics_url}/metrics (metrics_mode=prometheus? any request served yet?)"
+    lines = [f"{name}{labels} {value:g}" for name, labels, value in samples]
+    lines += averages(samples)
+    return "\n".join(lines)
+
+
+def averages(samples: list[tuple[str, str, float]]) -> list[str]:
+    """Mean per request (TorchServe's latency counters are sums) and per histogram observation."""
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    for name, labels, value in samples:
+        totals[(name, labels)] += value
+    lines = []
+    for (name, labels), total in sorted(totals.items()):
+        if name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
+            count = totals.get(("ts_inference_requests_total", labels))
+            if count:
+                lines.append(f"mean {name.removeprefix('ts_').removesuffix('_microseconds')} per request{labels}: {total / count / 1000:.1f} ms")
+        elif name.endswith("_sum"):
+            count = totals.get((base_name(name) + "_count", labels))
+            if count:
+                lines.append(f"mean {base_name(name)}{labels}: {total / count:.4g} over {count:g} observations")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Describe, scale and watch the conette model on TorchServe.")
+    parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help="(default: %(default)s)")
+    parser.add_argument("--metrics-url", default=DEFAULT_METRICS_URL, help="(default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
+    parser.add_argument("--token", help="management key (default: from TorchServe's key_file.json)")
+    parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the repository root)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the server's answers as JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("describe", help="model settings and workers").set_defaults(action=describe)
+    scaler = commands.add_parser("scale", help="set the number of workers, waiting until they are up or down")
+    scaler.add_argument("workers", type=int, help="number of workers (min_worker)")
+    scaler.add_argument("--max-workers", type=int, help="max_worker (default: the same number)")
+    scaler.set_defaults(action=scale)
+    watcher = commands.add_parser("metrics", help="key metrics from the metrics port")
+    watcher.add_argument("--all", action="store_true", help="every metric, not only the key ones")
+    watcher.set_defaults(action=metrics)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        token = None if args.action is metrics else resolve_token("management", args.token, args.key_file)
+        print(args.action(args, token))
+    except (ServerError, KeyFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
