@@ -1,0 +1,356 @@
+"""The TorchServe handler against a real running TorchServe (the `ts_server` fixture in conftest.py).
+
+Every answer is checked against the in-process engine run on the same checkpoint, one clip at a time, so a
+request's answer is the answer it would get alone, whatever shared its batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from audio_factory import make_audio
+from conette_engine.engine import CaptioningEngine
+from conftest import REPO_ROOT, TorchServeInstance, read_properties
+
+SCORE_ATOL = 1e-4
+PROB_ATOL = 1e-5
+MAX_DURATION_S = 30.0  # handler: max_duration_s in handler/model-config.yaml
+
+
+# ---- fixtures: real encoded audio, and the in-process engine as the oracle -------------------------------------
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, bytes]:
+    """Short clips in several containers/codecs, made with espeak-ng, FFmpeg and SoX."""
+    tmp = tmp_path_factory.mktemp("clips")
+    sox_clip = tmp / "pink_sox.wav"
+    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(sox_clip), "synth", "1.2", "pinknoise",
+                    "vol", "0.3"], check=True, capture_output=True)
+    paths = {
+        "speech_wav": make_audio(tmp, "wav16", seconds=2.0, sample_rate=22050, signal="speech"),
+        "tone_flac": make_audio(tmp, "flac", seconds=1.5, sample_rate=44100, channels=2),
+        "noise_mp3": make_audio(tmp, "mp3", seconds=2.5, sample_rate=44100, signal="noise"),
+        "tone_ogg": make_audio(tmp, "ogg", seconds=1.0, sample_rate=48000),
+        "speech_opus": make_audio(tmp, "opus", seconds=1.8, sample_rate=24000, signal="speech"),
+        "tone_m4a": make_audio(tmp, "m4a", seconds=1.3, sample_rate=32000, channels=2),
+        "noise_wav24": make_audio(tmp, "wav24", seconds=0.9, sample_rate=48000, signal="noise"),
+        "pink_sox_wav": sox_clip,
+        "too_long_wav": make_audio(tmp, "wav16", seconds=MAX_DURATION_S + 1, sample_rate=8000),
+    }
+    return {name: Path(path).read_bytes() for name, path in paths.items()}
+
+
+GOOD_CLIPS = ("speech_wav", "tone_flac", "noise_mp3", "tone_ogg", "speech_opus", "tone_m4a", "noise_wav24",
+              "pink_sox_wav")
+
+
+@pytest.fixture(scope="session")
+def engine(test_checkpoint_dir) -> CaptioningEngine:
+    return CaptioningEngine.load(test_checkpoint_dir, max_duration_s=MAX_DURATION_S)
+
+
+@pytest.fixture(scope="session")
+def expected(engine, clips):
+    """expected(clip_name, **options) -> the engine's answer for that clip alone (memoized)."""
+    cache: dict = {}
+
+    def answer(name: str, **options) -> dict:
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            audio = engine.load_audio(clips[name])
+            cache[key] = engine.caption([audio], [engine.parse_options({"beam_size": 3, **options})])[0].to_dict()
+        return cache[key]
+
+    return answer
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    assert got["caption"] == want["caption"]
+    assert got["task"] == want["task"]
+    assert got["audio"] == want["audio"]
+    assert [c["caption"] for c in got["candidates"]] == [c["caption"] for c in want["candidates"]]
+    assert [c["score"] for c in got["candidates"]] == pytest.approx([c["score"] for c in want["candidates"]],
+                                                                    abs=SCORE_ATOL)
+    assert got["score"] == pytest.approx(want["score"], abs=SCORE_ATOL)
+    assert [t["label"] for t in got["tags"]] == [t["label"] for t in want["tags"]]
+    assert [t["score"] for t in got["tags"]] == pytest.approx([t["score"] for t in want["tags"]], abs=PROB_ATOL)
+
+
+def assert_model_info(got: dict, engine: CaptioningEngine) -> None:
+    assert got["model"]["name"] == "conette"
+    assert got["model"]["version"] == "1.0"
+    assert got["model"]["checkpoint_sha256"] == engine.checkpoint_sha256
+
+
+def metric_values(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def batch_counts(server: TorchServeInstance) -> tuple[float, float]:
+    """(batches so far, requests in them so far) from the handler's BatchSize histogram."""
+    text = server.metrics_text()
+    return metric_values(text, "BatchSize_count"), metric_values(text, "BatchSize_sum")
+
+
+def fire_together(calls: list) -> list[requests.Response]:
+    """Run the calls at the same moment from separate threads, so the server can batch them."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+# ---- the four request styles ------------------------------------------------------------------------------------
+
+def test_raw_body_with_query_options(ts_server, clips, expected, engine):
+    response = ts_server.request("POST", f"/{ts_server.model_name}/predict",
+                                 params={"task": "audiocaps", "beam_size": "2"}, data=clips["noise_mp3"],
+                                 headers={"Content-Type": "audio/mpeg"})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    answer = response.json()
+    assert_same_answer(answer, expected("noise_mp3", task="audiocaps", beam_size=2))
+    assert len(answer["candidates"]) == 2
+    assert_model_info(answer, engine)
+
+
+def test_raw_body_on_predictions_uses_defaults(ts_server, clips, expected):
+    response = ts_server.predict(data=clips["speech_wav"], headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert_same_answer(answer, expected("speech_wav"))
+    assert answer["task"] == "clotho" and len(answer["candidates"]) == 3
+
+
+@pytest.mark.parametrize("field", ["audio", "data"])
+def test_multipart_form(ts_server, clips, expected, field):
+    response = ts_server.predict(files={field: ("clip.flac", clips["tone_flac"], "audio/flac")},
+                                 data={"task": "macs", "beam_size": "2", "threshold": "0.5"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert_same_answer(answer, expected("tone_flac", task="macs", beam_size=2, threshold=0.5))
+    assert all(tag["score"] >= 0.5 for tag in answer["tags"])
+
+
+def test_json_base64(ts_server, clips, expected):
+    response = ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "task": "wavcaps_freesound",
+                                       "beam_size": 4, "max_pred_size": 8, "forbid_rep_mode": "all"})
+    assert response.status_code == 200, response.text
+    assert_same_answer(response.json(), expected("tone_ogg", task="wavcaps_freesound", beam_size=4,
+                                                  max_pred_size=8, forbid_rep_mode="all"))
+
+
+def test_kserve_v1_several_instances(ts_server, clips, expected, engine):
+    body = {"instances": [{"audio": {"b64": b64(clips["speech_opus"])}, "task": "audiocaps"},
+                          {"audio": {"b64": b64(clips["tone_m4a"])}, "beam_size": 2}]}
+    response = ts_server.request("POST", f"/v1/models/{ts_server.model_name}:predict", json=body)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2
+    assert_same_answer(predictions[0], expected("speech_opus", task="audiocaps"))
+    assert_same_answer(predictions[1], expected("tone_m4a", beam_size=2))
+    assert_model_info(predictions[1], engine)
+
+
+def test_open_inference_protocol_v2(ts_server, clips, expected):
+    names = ["noise_wav24", "pink_sox_wav"]
+    body = {"id": "req-42",
+            "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [2], "data": [b64(clips[n]) for n in names]}],
+            "parameters": {"task": "macs", "beam_size": 2}}
+    response = ts_server.request("POST", f"/v2/models/{ts_server.model_name}/infer", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model_name"] == ts_server.model_name
+    outputs = {output["name"]: output for output in answer["outputs"]}
+    assert set(outputs) == {"caption", "score", "tags"}
+    for i, name in enumerate(names):
+        want = expected(name, task="macs", beam_size=2)
+        assert outputs["caption"]["data"][i] == want["caption"]
+        assert outputs["score"]["data"][i] == pytest.approx(want["score"], abs=SCORE_ATOL)
+        tags = json.loads(outputs["tags"]["data"][i])
+        assert [t["label"] for t in tags] == [t["label"] for t in want["tags"]]
+    assert outputs["caption"]["shape"] == [2] and outputs["score"]["datatype"] == "FP32"
+
+
+# ---- batching -------------------------------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_batched_with_solo_answers(ts_server, clips):
+    solo = {}
+    for name in GOOD_CLIPS:  # one at a time: each request is a batch of one
+        response = ts_server.predict(data=clips[name], headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 200, response.text
+        solo[name] = response.json()
+
+    batches_before, requests_before = batch_counts(ts_server)
+    responses = fire_together([
+        (lambda name=name: ts_server.predict(data=clips[name], headers={"Content-Type": "application/octet-stream"}))
+        for name in GOOD_CLIPS
+    ])
+    batches_after, requests_after = batch_counts(ts_server)
+
+    for name, response in zip(GOOD_CLIPS, responses):
+        assert response.status_code == 200, response.text
+        assert_same_answer(response.json(), solo[name])
+    assert requests_after - requests_before == len(GOOD_CLIPS)
+    assert batches_after - batches_before < len(GOOD_CLIPS), "no two concurrent requests shared a batch"
+
+
+def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
+    pid_before = [w["pid"] for w in ts_server.workers()]
+    octet = {"Content-Type": "application/octet-stream"}
+    good = ["speech_wav", "tone_flac", "noise_mp3"]
+    bad = {
+        "invalid_audio": lambda: ts_server.predict(data=b"definitely not audio " * 64, headers=octet),
+        "too_long": lambda: ts_server.predict(data=clips["too_long_wav"], headers=octet),
+        "invalid_option": lambda: ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "task": "karaoke"}),
+        "out_of_range": lambda: ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "beam_size": 0}),
+        "unknown_option": lambda: ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "beam": 3}),
+        "invalid_base64": lambda: ts_server.predict(json={"audio": "***not base64***"}),
+        "empty_audio": lambda: ts_server.predict(data=b"", headers=octet),
+        "missing_audio": lambda: ts_server.predict(json={"task": "macs"}),
+        "bad_instance": lambda: ts_server.request("POST", "/v1/models/conette:predict", json={"instances": [
+            {"audio": {"b64": b64(clips["tone_ogg"])}}, {"audio": {"b64": b64(b"junk" * 50)}}]}),
+    }
+    batches_before, requests_before = batch_counts(ts_server)
+    responses = fire_together(
+        [(lambda name=name: ts_server.predict(data=clips[name], headers=octet)) for name in good] + list(bad.values()))
+    batches_after, requests_after = batch_counts(ts_server)
+
+    for name, response in zip(good, responses):
+        assert response.status_code == 200, response.text
+        assert_same_answer(response.json(), expected(name))
+    bad_responses = dict(zip(bad, responses[len(good):]))
+    for case, response in bad_responses.items():
+        assert response.status_code == 400, (case, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"type", "message"} and error["message"], case
+    types = {case: response.json()["error"]["type"] for case, response in bad_responses.items()}
+    assert types == {"invalid_audio": "undecodable_audio", "too_long": "audio_too_long",
+                     "invalid_option": "invalid_option", "out_of_range": "invalid_option",
+                     "unknown_option": "unknown_option", "invalid_base64": "invalid_base64",
+                     "empty_audio": "empty_audio", "missing_audio": "missing_audio",
+                     "bad_instance": "undecodable_audio"}
+    assert "30" in bad_responses["too_long"].json()["error"]["message"]  # the message states the limit
+    assert "instances[1]" in bad_responses["bad_instance"].json()["error"]["message"]
+    assert requests_after - requests_before == len(good) + len(bad)
+    assert batches_after - batches_before < len(good) + len(bad), "the good and bad requests never shared a batch"
+    # Nothing a client sent killed the worker.
+    assert [w["pid"] for w in ts_server.workers()] == pid_before
+
+
+def test_oversized_body_gets_413(ts_server):
+    max_request_size = int(read_properties(REPO_ROOT / "config.properties")["max_request_size"])
+    response = ts_server.predict(data=b"\0" * (max_request_size + 1), headers={"Content-Type": "audio/wav"})
+    assert response.status_code == 413
+
+
+def test_longest_accepted_clip_fits_as_base64_json(ts_server, tmp_path):
+    """max_request_size holds 30 s of 48 kHz stereo float WAV, base64-encoded in JSON."""
+    clip = make_audio(tmp_path, "wavf32", seconds=MAX_DURATION_S, sample_rate=48000, channels=2)
+    response = ts_server.predict(json={"audio": b64(clip.read_bytes()), "max_pred_size": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["audio"] == {"duration_s": MAX_DURATION_S, "sample_rate": 48000, "channels": 2}
+
+
+# ---- operations: scaling, metrics, security -------------------------------------------------------------------------
+
+def test_scaling_up_and_down_under_load(ts_server, clips, expected):
+    want = expected("tone_ogg")
+    stop = threading.Event()
+    outcomes: list = []
+
+    def load():
+        while not stop.is_set():
+            try:
+                response = ts_server.predict(data=clips["tone_ogg"], headers={"Content-Type": "audio/ogg"})
+                outcomes.append((response.status_code, response.json()))
+            except requests.RequestException as error:
+                outcomes.append((None, repr(error)))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for workers in (2, 1):
+            response = ts_server.request("PUT", f"/models/{ts_server.model_name}", api="management",
+                                         params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
+            assert response.status_code == 200, response.text
+            ts_server.wait_for_workers(workers, timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert len(outcomes) > 6
+    failures = [outcome for outcome in outcomes if outcome[0] != 200]
+    assert not failures, failures[:3]
+    for _, answer in outcomes:
+        assert_same_answer(answer, want)
+
+
+def test_metrics_endpoint(ts_server, clips):
+    ts_server.predict(data=clips["speech_wav"], headers={"Content-Type": "audio/wav"})
+    ts_server.predict(data=b"garbage" * 100, headers={"Content-Type": "audio/wav"})
+    text = ts_server.metrics_text()
+    model = {"ModelName": ts_server.model_name}
+    assert metric_values(text, "ts_inference_requests_total", model_name=ts_server.model_name) >= 2
+    assert metric_values(text, "AudioSecondsProcessed", **model) >= 2.0
+    assert metric_values(text, "BatchSize_count", **model) >= 1
+    for stage in ("decode", "logmel", "encoder", "beam_search"):
+        assert metric_values(text, "StageLatencySeconds_count", Stage=stage, **model) >= 1, stage
+    assert metric_values(text, "RequestErrors", ErrorType="undecodable_audio", **model) >= 1
+    assert "# TYPE StageLatencySeconds histogram" in text
+
+
+def test_token_required(ts_server, clips):
+    audio = {"data": clips["tone_ogg"], "headers": {"Content-Type": "audio/ogg"}}
+    for token in (None, "wrong-key"):
+        response = ts_server.predict(token=token, **audio)
+        assert response.status_code == 400, response.text  # TorchServe answers a bad key with 400
+        assert response.json()["type"] == "InvalidKeyException"
+        response = ts_server.request("GET", "/models", api="management", token=token)
+        assert response.status_code == 400
+    # The inference key does not open the management API.
+    assert ts_server.request("GET", "/models", api="management", token=ts_server.token).status_code == 400
+    assert ts_server.predict(**audio).status_code == 200
+
+
+def test_model_registration_is_disabled(ts_server):
+    response = ts_server.request("POST", "/models", api="management", params={"url": "conette.mar"})
+    assert response.status_code == 405, response.text
+    response = ts_server.request("DELETE", f"/models/{ts_server.model_name}", api="management")
+    assert response.status_code == 405, response.text
+
+
+def test_clean_stop_leaves_no_process(tmp_path, model_store_dir):
+    ports = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
+             "grpc_management": 17171}
+    server = TorchServeInstance(workdir=tmp_path, model_store=model_store_dir, ports=ports).start()
+    assert server.own_processes(), "the server should be running"
+    assert server.key_file.is_file()
+    server.stop()
+    assert not server.own_processes()
+    assert not server.key_file.exists()
