@@ -5,8 +5,8 @@
 
 The client-side counterpart of the reference's `conette-predict`: the same --audio, --task and
 --csv_export arguments, plus the decoding options the server accepts. Each file is POSTed as raw
-bytes (Content-Type: application/octet-stream) to {url}/predictions/{model} with the options as query
-parameters, several at a time (--concurrency). Busy or unreachable servers (HTTP 502/503/504/507,
+bytes (Content-Type: application/octet-stream) to {url}/invocations?model_name={model} with the
+options as further query parameters, several at a time (--concurrency). Busy or unreachable servers (HTTP 502/503/504/507,
 connection errors, timeouts) are retried with exponential backoff; a file the server rejects is
 reported and the run goes on.
 
@@ -335,9 +335,11 @@ def run(args: argparse.Namespace) -> int:
     tasks = tasks_per_file(args.task, len(paths))
     options = {name: str(getattr(args, name)) for name in DECODING_OPTIONS if getattr(args, name) is not None}
     client = Client(
-        endpoint=f"{args.url.rstrip('/')}/predictions/{args.model}",
+        # Not /predictions/{model}: TorchServe 0.12 drops the query string there, and with it the
+        # options. /invocations (its SageMaker-style route) hands the query string to the handler.
+        endpoint=f"{args.url.rstrip('/')}/invocations",
         token=resolve_token("inference", args.token, args.key_file),
-        params=options,
+        params={"model_name": args.model, **options},
         retries=args.retries,
         backoff_s=args.backoff,
         timeout_s=args.timeout,

@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 class ScriptedServer:
-    """Answers POST /predictions/<model> with `answer(n, body)`, n = 0, 1, ... per request received.
+    """Answers any POST with `answer(n, body)`, n = 0, 1, ... per request received.
 
     `answer` returns (status, json_payload) or DROP. Records each request and the peak number of
     requests being answered at once.
@@ -207,8 +207,8 @@ def test_request_shape_options_and_key_file_token(tmp_path, two_files):
         )
     assert result.returncode == 0, result.stderr
     [request] = server.requests
-    assert request["path"] == "/predictions/conette"
-    assert request["params"] == {"task": "audiocaps", "beam_size": "2", "min_pred_size": "1", "max_pred_size": "7",
+    assert request["path"] == "/invocations"
+    assert request["params"] == {"model_name": "conette", "task": "audiocaps", "beam_size": "2", "min_pred_size": "1", "max_pred_size": "7",
                                  "forbid_rep_mode": "none", "threshold": "0.25"}
     assert request["headers"]["Content-Type"] == "application/octet-stream"
     assert request["headers"]["Authorization"] == "Bearer infer-key"
@@ -291,9 +291,8 @@ def test_real_server_csv_json_and_per_file_errors(tmp_path, ts_server, real_clip
     assert set(lines) == {str(p) for p in audio_paths} | {str(real_clips["not_audio"])}
 
     for path in audio_paths:
-        # What the CLI reports is what the server answers for the same bytes and options.
-        direct = ts_server.predict(data=path.read_bytes(), params={"task": "audiocaps"},
-                                   headers={"Content-Type": "application/octet-stream"})
+        # What the CLI reports is what the server answers for the same bytes and options sent as a form.
+        direct = ts_server.predict(files={"audio": (path.name, path.read_bytes())}, data={"task": "audiocaps"})
         assert direct.status_code == 200, direct.text
         expected = direct.json()
         line = lines[str(path)]
