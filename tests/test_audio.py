@@ -6,6 +6,7 @@ compare with those calls made here, with the reference's own golden waveforms (f
 tests/fixtures/audio/expected_waveforms.json), and check every refusal.
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -45,25 +46,16 @@ def reference_waveform(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor
     return waveform.mean(dim=0)
 
 
+@contextlib.contextmanager
 def raises_audio_error(error_type: str, *message_parts: str):
-    """Context manager: an AudioError of this .type whose message contains every part."""
-
-    class _Check:
-        def __enter__(self):
-            self._raises = pytest.raises(AudioError)
-            self.info = self._raises.__enter__()
-            return self.info
-
-        def __exit__(self, *exc):
-            suppressed = self._raises.__exit__(*exc)
-            error = self.info.value
-            assert error.type == error_type, f"{error.type}: {error.message}"
-            for part in message_parts:
-                assert part in error.message, error.message
-            assert ".cpp" not in error.message and "Traceback" not in error.message
-            return suppressed
-
-    return _Check()
+    """Expect an AudioError of this .type whose message contains every part and no internals."""
+    with pytest.raises(AudioError) as info:
+        yield info
+    error = info.value
+    assert error.type == error_type, f"{error.type}: {error.message}"
+    for part in message_parts:
+        assert part in error.message, error.message
+    assert ".cpp" not in error.message and "Traceback" not in error.message
 
 
 def seeded_noise(channels: int, n_frames: int, seed: int = 0) -> torch.Tensor:
