@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from audio_factory import make_audio
+from hub_standin import unused_local_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAPTION_SCRIPT = REPO_ROOT / "scripts" / "caption.py"
@@ -33,12 +34,6 @@ def run_caption(*args: str, cwd: Path | None = None, timeout: float = 300) -> su
         [sys.executable, str(CAPTION_SCRIPT), "--no-progress", *args],
         capture_output=True, text=True, cwd=cwd, timeout=timeout,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ScriptedServer:
@@ -162,7 +157,7 @@ def test_retries_run_out_and_the_file_is_reported(two_files):
 
 
 def test_unreachable_server_is_a_per_file_connection_error(two_files):
-    result = run_caption("--audio", str(two_files[0]), "--url", f"http://127.0.0.1:{free_port()}", "--retries", "1", "--backoff", "0")
+    result = run_caption("--audio", str(two_files[0]), "--url", f"http://127.0.0.1:{unused_local_port()}", "--retries", "1", "--backoff", "0")
     assert result.returncode == 1
     assert "connection_error" in result.stderr and "after 2 attempts" in result.stderr
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hub_standin import HubRepo, HubStandIn
+from hub_standin import HubRepo, HubStandIn, unused_local_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch_weights.py"
@@ -50,12 +49,6 @@ def run_fetch(out_dir: Path, env: dict[str, str], *extra: str, weights: bytes | 
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cache_blobs(env: dict[str, str]) -> list[Path]:
     return sorted(Path(env["HF_HUB_CACHE"]).glob("models--*/blobs/*"))
 
@@ -78,13 +71,11 @@ def test_fetch_writes_verified_files_and_fills_the_cache(tmp_path, hub_env, chec
 def test_fetch_follows_hf_endpoint_and_branch_names(tmp_path, hub_env, checkpoint_files):
     out_dir = tmp_path / "weights"
     with HubStandIn(HubRepo(REPO_ID, COMMIT, checkpoint_files)) as hub:
-        env = dict(hub_env, HF_ENDPOINT=hub.endpoint)
-        args = [sys.executable, str(FETCH_SCRIPT), "--out", str(out_dir), "--revision", "main"]
-        weights = checkpoint_files["pytorch_model.bin"]
-        args += ["--sha256", hashlib.sha256(weights).hexdigest(), "--size", str(len(weights))]
-        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        # No --endpoint: HF_ENDPOINT alone leads to the stand-in. A later --revision overrides run_fetch's.
+        result = run_fetch(out_dir, dict(hub_env, HF_ENDPOINT=hub.endpoint), "--revision", "main",
+                           weights=checkpoint_files["pytorch_model.bin"])
     assert result.returncode == 0, result.stderr
-    assert (out_dir / "pytorch_model.bin").read_bytes() == weights
+    assert (out_dir / "pytorch_model.bin").read_bytes() == checkpoint_files["pytorch_model.bin"]
 
 
 def test_verified_destination_is_kept_without_network(tmp_path, hub_env, checkpoint_files):
@@ -94,7 +85,7 @@ def test_verified_destination_is_kept_without_network(tmp_path, hub_env, checkpo
         assert run_fetch(out_dir, hub_env, "--endpoint", hub.endpoint, weights=weights).returncode == 0
     mtime = (out_dir / "pytorch_model.bin").stat().st_mtime_ns
     # Nothing listens there any more: a second run must not need the hub.
-    again = run_fetch(out_dir, hub_env, "--endpoint", f"http://127.0.0.1:{free_port()}", weights=weights)
+    again = run_fetch(out_dir, hub_env, "--endpoint", f"http://127.0.0.1:{unused_local_port()}", weights=weights)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
     assert (out_dir / "pytorch_model.bin").stat().st_mtime_ns == mtime
@@ -124,7 +115,7 @@ def test_offline_mode_without_cache_explains_what_to_do(tmp_path, hub_env, check
 
 def test_unreachable_hub_fails_fast_with_manual_instructions(tmp_path, hub_env):
     out_dir = tmp_path / "weights"
-    result = run_fetch(out_dir, hub_env, "--endpoint", f"http://127.0.0.1:{free_port()}")
+    result = run_fetch(out_dir, hub_env, "--endpoint", f"http://127.0.0.1:{unused_local_port()}")
     assert result.returncode == 1
     message = result.stderr
     assert "cannot be reached" in message
