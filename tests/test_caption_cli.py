@@ -37,7 +37,8 @@ def run_caption(*args: str, cwd: Path | None = None, timeout: float = 300) -> su
 
 
 class ScriptedServer:
-    """Answers any POST with `answer(n, body)`, n = 0, 1, ... per request received.
+    """Answers any POST with `answer(n, request)`, n = 0, 1, ... per request received, `request` a dict
+    of path, params, headers and body.
 
     `answer` returns (status, json_payload) or DROP. Records each request and the peak number of
     requests being answered at once.
@@ -71,17 +72,18 @@ class ScriptedServer:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 split = urlsplit(self.path)
+                request = {
+                    "path": split.path, "params": {k: v[0] for k, v in parse_qs(split.query).items()},
+                    "headers": dict(self.headers), "body": body,
+                }
                 with scripted._lock:
                     n = len(scripted.requests)
-                    scripted.requests.append({
-                        "path": split.path, "params": {k: v[0] for k, v in parse_qs(split.query).items()},
-                        "headers": dict(self.headers), "body": body,
-                    })
+                    scripted.requests.append(request)
                     scripted.in_flight += 1
                     scripted.peak_in_flight = max(scripted.peak_in_flight, scripted.in_flight)
                 try:
                     time.sleep(scripted.delay_s)
-                    answer = scripted.answer(n, body)
+                    answer = scripted.answer(n, request)
                     if answer == DROP:
                         self.close_connection = True
                         self.connection.shutdown(socket.SHUT_RDWR)
@@ -127,8 +129,12 @@ def two_files(tmp_path) -> list[Path]:
 
 
 def test_503_and_507_are_retried_with_backoff(two_files):
-    def answer(n, body):
-        return BUSY if n == 0 else (507, {"code": 507, "type": "WorkerOOM", "message": "out of memory"}) if n == 1 else (200, caption_payload(body))
+    def answer(n, request):
+        if n == 0:
+            return BUSY
+        if n == 1:
+            return 507, {"code": 507, "type": "WorkerOOM", "message": "out of memory"}
+        return 200, caption_payload(request["body"])
 
     with ScriptedServer(answer) as server:
         result = run_caption("--audio", str(two_files[0]), "--url", server.url, "--backoff", "0.2", "--token", "t")
@@ -139,14 +145,14 @@ def test_503_and_507_are_retried_with_backoff(two_files):
 
 
 def test_dropped_connections_are_retried(two_files):
-    with ScriptedServer(lambda n, body: DROP if n < 2 else (200, caption_payload(body))) as server:
+    with ScriptedServer(lambda n, request: DROP if n < 2 else (200, caption_payload(request["body"]))) as server:
         result = run_caption("--audio", str(two_files[0]), "--url", server.url, "--backoff", "0.05")
     assert result.returncode == 0, result.stderr
     assert len(server.requests) == 3
 
 
 def test_retries_run_out_and_the_file_is_reported(two_files):
-    with ScriptedServer(lambda n, body: BUSY) as server:
+    with ScriptedServer(lambda n, request: BUSY) as server:
         result = run_caption("--audio", *map(str, two_files), "--url", server.url, "--retries", "2", "--backoff", "0.01")
     assert result.returncode == 1
     assert len(server.requests) == 6  # 2 files x (1 + 2 retries)
@@ -165,7 +171,7 @@ def test_unreachable_server_is_a_per_file_connection_error(two_files):
 def test_client_errors_are_not_retried_and_other_files_go_on(two_files):
     bad = {"error": {"type": "audio_decode_error", "message": "cannot decode the audio"}}
     rejected = two_files[0].read_bytes()
-    with ScriptedServer(lambda n, body: (400, bad) if body == rejected else (200, caption_payload(body))) as server:
+    with ScriptedServer(lambda n, request: (400, bad) if request["body"] == rejected else (200, caption_payload(request["body"]))) as server:
         result = run_caption("--audio", *map(str, two_files), "--url", server.url, "--json")
     assert result.returncode == 1
     lines = {line["file"]: line for line in map(json.loads, result.stdout.splitlines())}
@@ -180,7 +186,7 @@ def test_refused_token_stops_the_run(tmp_path):
         paths.append(tmp_path / f"{index}.wav")
         paths[-1].write_bytes(b"RIFF")
     refusal = (400, {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"})
-    with ScriptedServer(lambda n, body: refusal, delay_s=0.05) as server:
+    with ScriptedServer(lambda n, request: refusal, delay_s=0.05) as server:
         result = run_caption("--audio", *map(str, paths), "--url", server.url, "--concurrency", "2", "--token", "wrong")
     assert result.returncode == 2
     assert "refused the inference token" in result.stderr and "--key-file" in result.stderr
@@ -193,7 +199,7 @@ def test_request_shape_options_and_key_file_token(tmp_path, two_files):
         "inference": {"key": "infer-key", "expiration time": "x"},
         "API": {"key": "api-key"},
     }))
-    with ScriptedServer(lambda n, body: (200, caption_payload(body, task="audiocaps"))) as server:
+    with ScriptedServer(lambda n, request: (200, caption_payload(request["body"], task="audiocaps"))) as server:
         result = run_caption(
             "--audio", str(two_files[0]), "--url", server.url + "/", "--model", "conette",
             "--task", "audiocaps", "--beam_size", "2", "--min_pred_size", "1", "--max_pred_size", "7",
@@ -215,7 +221,7 @@ def test_concurrency_is_bounded(tmp_path):
     for index in range(8):
         paths.append(tmp_path / f"{index}.wav")
         paths[-1].write_bytes(b"RIFF" + bytes(index))
-    with ScriptedServer(lambda n, body: (200, caption_payload(body)), delay_s=0.3) as server:
+    with ScriptedServer(lambda n, request: (200, caption_payload(request["body"])), delay_s=0.3) as server:
         result = run_caption("--audio", *map(str, paths), "--url", server.url, "--concurrency", "3")
     assert result.returncode == 0, result.stderr
     assert server.peak_in_flight == 3
@@ -228,7 +234,7 @@ def test_directories_globs_and_missing_files(tmp_path):
     for name in ("b.flac", "a.wav", "nested/c.mp3", "notes.txt"):
         (clips / name).write_bytes(b"RIFF" + name.encode())
     missing = tmp_path / "missing.wav"
-    with ScriptedServer(lambda n, body: (200, caption_payload(body))) as server:
+    with ScriptedServer(lambda n, request: (200, caption_payload(request["body"]))) as server:
         result = run_caption(
             "--audio", str(clips), str(clips / "*.wav"), str(missing), "--url", server.url,
             "--csv_export", str(tmp_path / "out" / "captions.csv"),
@@ -327,3 +333,23 @@ def test_real_server_refuses_a_wrong_token(ts_server, real_clips):
     result = run_caption("--audio", str(real_clips["wav"]), "--url", ts_server.inference_url, "--token", "not-the-key")
     assert result.returncode == 2
     assert "InvalidKeyException" in result.stderr
+
+
+def test_real_server_behind_a_proxy_that_is_busy_twice(ts_server, real_clips):
+    """503 twice from a proxy, then the proxy forwards to the real server: the caption is the server's."""
+
+    def busy_then_forward(n, request):
+        if n < 2:
+            return BUSY
+        forwarded = ts_server.request("POST", request["path"], params=request["params"], data=request["body"],
+                                      headers={"Content-Type": request["headers"]["Content-Type"]})
+        return forwarded.status_code, forwarded.json()
+
+    with ScriptedServer(busy_then_forward) as proxy:
+        result = run_caption("--audio", str(real_clips["mp3"]), "--url", proxy.url, "--task", "macs",
+                             "--backoff", "0.1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(proxy.requests) == 3
+    [line] = map(json.loads, result.stdout.splitlines())
+    direct = ts_server.predict(files={"audio": ("tone.mp3", real_clips["mp3"].read_bytes())}, data={"task": "macs"})
+    assert line["task"] == "macs" and line["caption"] == direct.json()["caption"]
