@@ -146,6 +146,19 @@ def test_corrupted_weights_are_rejected_and_leave_nothing_behind(tmp_path, hub_e
     assert (out_dir / "pytorch_model.bin").read_bytes() == weights
 
 
+def test_truncated_transfer_leaves_nothing_behind(tmp_path, hub_env, checkpoint_files):
+    out_dir = tmp_path / "weights"
+    weights = checkpoint_files["pytorch_model.bin"]
+    # The CDN sends half the file: huggingface_hub's size check fails before ours runs.
+    truncated = HubRepo(REPO_ID, COMMIT, checkpoint_files, served_instead={"pytorch_model.bin": weights[: len(weights) // 2]})
+    with HubStandIn(truncated) as hub:
+        result = run_fetch(out_dir, hub_env, "--endpoint", hub.endpoint, weights=weights)
+    assert result.returncode == 1
+    assert "Downloading pytorch_model.bin failed" in result.stderr
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+    assert not [p for p in Path(hub_env["HF_HUB_CACHE"]).rglob("*") if p.is_file() and p.stat().st_size == len(weights) // 2]
+
+
 def test_corrupted_destination_file_is_replaced(tmp_path, hub_env, checkpoint_files):
     out_dir = tmp_path / "weights"
     out_dir.mkdir()
