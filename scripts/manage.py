@@ -65,11 +65,13 @@ def call(method: str, url: str, token: str | None, timeout: float, **kwargs) -> 
 
 def describe_text(description: dict) -> str:
     workers = description.get("workers", [])
+    queue = description.get("jobQueueStatus") or {}
     lines = [
         f"model {description.get('modelName')} version {description.get('modelVersion')} "
         f"({description.get('modelUrl')})",
         f"batch size {description.get('batchSize')}, max batch delay {description.get('maxBatchDelay')} ms, "
-        f"response timeout {description.get('responseTimeout')} s, job queue {description.get('jobQueueSize', '?')}",
+        f"response timeout {description.get('responseTimeout')} s",
+        f"queue: {queue.get('pendingRequests', '?')} pending, room for {queue.get('remainingCapacity', '?')} more",
         f"workers: {len(workers)} (min {description.get('minWorkers')}, max {description.get('maxWorkers')}), "
         f"{sum(w.get('status') == 'READY' for w in workers)} READY",
     ]

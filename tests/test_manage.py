@@ -33,6 +33,7 @@ def test_describe_shows_the_model_and_its_workers(ts_server):
     assert result.returncode == 0, result.stderr
     assert f"model {ts_server.model_name} version" in result.stdout
     assert f"workers: {len(workers)} " in result.stdout
+    assert "queue: 0 pending, room for " in result.stdout
     for worker in workers:
         assert f"worker {worker['id']}: READY, pid {worker['pid']}" in result.stdout
 
