@@ -58,8 +58,9 @@ def test_legacy_gamma_layer_scale_name_is_accepted(official_dir, tmp_path):
     assert any(k.endswith(".gamma") for k in renamed)
     (tmp_path / "config.json").write_bytes((official_dir / "config.json").read_bytes())
     torch.save(renamed, tmp_path / "pytorch_model.bin")
-    audio = torch.sin(torch.arange(32000) / 10.0)
-    (a,), (b,) = CaptioningEngine.load(official_dir).caption([audio]), CaptioningEngine.load(tmp_path).caption([audio])
+    official, legacy = CaptioningEngine.load(official_dir), CaptioningEngine.load(tmp_path)
+    audio = official.load_audio(torch.sin(torch.arange(32000) / 10.0))
+    (a,), (b,) = official.caption([audio]), legacy.caption([audio])
     assert a.candidate_tokens == b.candidate_tokens and torch.equal(a.clip_probs, b.clip_probs)
 
 

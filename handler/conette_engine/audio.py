@@ -66,6 +66,8 @@ DEFAULT_MAX_DURATION_S = 30.0
 # How much past max_duration_s the decoder may read, so that a clip exactly at the limit is
 # never cut (headers of compressed formats are approximate: an exact 5 s MP3 declares 5.04 s).
 DECODE_SLACK_S = 1.0
+# A clip may exceed max_duration_s by this much (encoder padding), see _check_duration.
+DURATION_TOLERANCE_S = 0.1
 
 # torchaudio's exact sinc resampler uses a filter with (new / g) * (2 * width + orig / g)
 # coefficients, g = gcd(orig, new). Every common rate needs at most 0.6 M (11025 Hz); a rate
@@ -274,9 +276,13 @@ def _check_channels(channels: int) -> None:
 
 
 def _check_duration(n_frames: int, sample_rate: int, max_duration_s: float, decoding_stopped: bool = False) -> None:
-    """decoding_stopped: n_frames may be where decoding was stopped, not the clip's end."""
+    """decoding_stopped: n_frames may be where decoding was stopped, not the clip's end.
+
+    Codec padding (AAC priming, MP3 frames) makes a clip cut at exactly the maximum decode a few tens of
+    milliseconds longer; DURATION_TOLERANCE_S accepts those.
+    """
     duration_s = n_frames / sample_rate
-    if duration_s > max_duration_s:
+    if duration_s > max_duration_s + DURATION_TOLERANCE_S:
         qualifier = "at least " if decoding_stopped else ""
         raise _too_long(f"{qualifier}{duration_s:.1f} s long", max_duration_s)
 

@@ -5,7 +5,7 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -33,26 +33,23 @@ class CaptionResult:
     task: str
     tags: list[tuple[str, float]]  # by class index, as the reference's tags
     clip_probs: Tensor  # (n_classes,)
-    audio: audio_io.DecodedAudio | None = None
-    extras: dict = field(default_factory=dict)
+    audio: audio_io.DecodedAudio
 
     def to_dict(self) -> dict:
         """JSON-ready: candidates and tags best first."""
         order = sorted(range(len(self.candidates)), key=lambda i: -self.candidates[i][1])
-        result = {
+        return {
             "caption": self.caption,
             "score": self.score,
             "candidates": [{"caption": self.candidates[i][0], "score": self.candidates[i][1]} for i in order],
             "task": self.task,
             "tags": [{"label": label, "score": score} for label, score in sorted(self.tags, key=lambda t: -t[1])],
-        }
-        if self.audio is not None:
-            result["audio"] = {
+            "audio": {
                 "duration_s": self.audio.duration_s,
                 "sample_rate": self.audio.sample_rate,
                 "channels": self.audio.channels,
-            }
-        return result
+            },
+        }
 
 
 def load_label_names() -> list[str]:
@@ -80,9 +77,7 @@ class CaptioningEngine:
         if len(self.tasks) != self.dims.n_tasks:
             raise CheckpointError(f"config lists {len(self.tasks)} tasks, checkpoint has {self.dims.n_tasks}")
 
-        model = CoNeTTE(self.dims)
-        model.load_state_dict(checkpoint.state_dict, strict=True)
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.model = CoNeTTE.from_state_dict(self.dims, checkpoint.state_dict).to(self.device)
 
         config = checkpoint.config
         self.defaults = DecodingOptions(
@@ -146,7 +141,7 @@ class CaptioningEngine:
     @torch.inference_mode()
     def caption(self, audios: list, options: list[DecodingOptions] | DecodingOptions | None = None,
                 timings: dict | None = None) -> list[CaptionResult]:
-        """audios: DecodedAudio or mono 32 kHz (n,) tensors; options: one per item (or one for all)."""
+        """audios: DecodedAudio (from load_audio: validated, 32 kHz mono); options: one per item (or one for all)."""
         if not audios:
             return []
         if options is None or isinstance(options, DecodingOptions):
@@ -157,15 +152,15 @@ class CaptioningEngine:
         for opts in options:
             if opts.task not in self._task_token:
                 raise OptionError(f"task must be one of {self.tasks}, got {opts.task!r}")
-        decoded = [a if isinstance(a, audio_io.DecodedAudio) else None for a in audios]
-        waveforms = [a.waveform if isinstance(a, audio_io.DecodedAudio) else a for a in audios]
+        if not all(isinstance(a, audio_io.DecodedAudio) for a in audios):
+            raise TypeError("caption() takes DecodedAudio items: pass clips through load_audio() first")
 
-        memories, clip_probs = self.encode(waveforms, timings)
+        memories, clip_probs = self.encode([a.waveform for a in audios], timings)
         with _timed(timings, "beam_search"):
             beams = self._beam_search(memories, options)
         return [
             self._result(beam, probs, opts, audio)
-            for beam, probs, opts, audio in zip(beams, clip_probs, options, decoded)
+            for beam, probs, opts, audio in zip(beams, clip_probs, options, audios)
         ]
 
     def _beam_search(self, memories: list[Tensor], options: list[DecodingOptions]) -> list[BeamResult]:
