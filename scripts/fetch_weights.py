@@ -131,7 +131,7 @@ def download_to_cache(args: argparse.Namespace, filename: str) -> Path:
         return Path(
             hf_hub_download(repo_id=args.repo_id, filename=filename, revision=args.revision, endpoint=args.endpoint)
         )
-    except (httpx2.ConnectError, httpx2.TimeoutException) as error:
+    except httpx2.TransportError as error:  # connection refused, DNS failure, timeout, proxy failure
         raise FetchError(
             f"Cannot fetch {filename}: the hub at {endpoint} cannot be reached ({error}). {manual_placement_help(args)}"
         ) from error
@@ -164,12 +164,9 @@ def download_to_cache(args: argparse.Namespace, filename: str) -> Path:
 
 def discard_cached_copy(cached: Path) -> None:
     """Remove a cached file that failed verification, so that the next run downloads it again."""
-    blob = cached.resolve()
-    for path in {cached, blob}:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    blob = cached.resolve()  # the snapshot entry is a symlink to a blob named after the ETag
+    cached.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
 def stage_verified_copy(cached: Path, out_dir: Path, filename: str, expected: ExpectedWeights | None) -> Path:
