@@ -65,7 +65,7 @@ class AuthorizationError(Exception):
 class Outcome:
     """What happened to one file: `response` on success, `error` ({"type", "message"}) otherwise."""
 
-    audio: str
+    path: str
     task: str | None
     response: dict | None = None
     error: dict | None = None
@@ -75,14 +75,14 @@ class Outcome:
     def json_line(self) -> str:
         # "file", not "audio": the server's answer already has an "audio" object (duration, rate, channels).
         if self.response is not None:
-            return json.dumps({"file": self.audio, **self.response}, ensure_ascii=False)
-        return json.dumps({"file": self.audio, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False)
+            return json.dumps({"file": self.path, **self.response}, ensure_ascii=False)
+        return json.dumps({"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False)
 
     def csv_row(self) -> dict:
         if self.response is None:
-            return {"audio": self.audio, "task": self.task or "", "error": f"{self.error['type']}: {self.error['message']}"}
+            return {"audio": self.path, "task": self.task or "", "error": f"{self.error['type']}: {self.error['message']}"}
         return {
-            "audio": self.audio,
+            "audio": self.path,
             "task": self.response.get("task", ""),
             "candidate": self.response.get("caption", ""),
             "score": self.response.get("score", ""),
@@ -158,7 +158,7 @@ class Client:
         """The outcome for one file, or None when the run was stopped before it started."""
         if self.refused.is_set():
             return None
-        outcome = Outcome(audio=path, task=task)
+        outcome = Outcome(path=path, task=task)
         try:
             body = Path(path).read_bytes()
         except OSError as error:
@@ -323,11 +323,11 @@ def report(outcome: Outcome, as_json: bool) -> None:
     if as_json:
         print(outcome.json_line(), flush=True)
     elif outcome.response is not None:
-        print(f"{outcome.audio} [{outcome.response.get('task', '')}] {outcome.response.get('caption', '')}", flush=True)
+        print(f"{outcome.path} [{outcome.response.get('task', '')}] {outcome.response.get('caption', '')}", flush=True)
     if outcome.response is None:
         status = f"HTTP {outcome.status}, " if outcome.status else ""
         tries = f", after {outcome.attempts} attempts" if outcome.attempts > 1 else ""
-        print(f"error: {outcome.audio}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}", file=sys.stderr)
+        print(f"error: {outcome.path}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
