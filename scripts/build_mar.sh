@@ -58,7 +58,9 @@ cp -r "$repo_root/handler/conette_engine" "$staging/files/conette_engine"
 find "$staging/files" -name __pycache__ -type d -prune -exec rm -rf {} +
 
 mkdir -p "$export_dir"
-rm -rf "${export_dir:?}/$model_name"  # a previous no-archive build (the archiver refuses to overwrite it)
+if [ "$archive_format" = no-archive ]; then
+    rm -rf "${export_dir:?}/$model_name"  # the previous directory: the archiver does not replace it
+fi
 "$archiver" \
     --model-name "$model_name" \
     --version "$model_version" \

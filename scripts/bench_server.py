@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Latency at concurrency 1 and throughput at concurrency 8: a running TorchServe vs the in-process engine.
+
+    python scripts/bench_server.py --checkpoint weights/conette [--url http://127.0.0.1:8080] [--seconds 10]
+                                   [--requests 16] [--token KEY | --key-file key_file.json]
+
+The clip is FFmpeg-made WAV (44.1 kHz stereo, speech-like noise), sent as a raw body to POST /predictions/conette
+with default options (beam 3). The in-process engine (same checkpoint as the server's .mar) decodes the same
+bytes; at concurrency 8 it captions 8 clips per call, which is what the server's batching aims at.
+Run it on an otherwise idle machine: the server and the in-process engine take turns on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "handler"))
+
+from torchserve_keys import resolve_token  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
+
+def make_clip(seconds: float) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "clip.wav"
+        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"anoisesrc=c=pink:a=0.2:r=44100:d={seconds}:seed=3", "-f", "lavfi", "-i",
+                        f"sine=frequency=330:sample_rate=44100:duration={seconds}", "-filter_complex",
+                        "amix=inputs=2", "-ac", "2", "-c:a", "pcm_s16le", str(out)], check=True)
+        return out.read_bytes()
+
+
+def summary(latencies: list[float], wall_s: float) -> dict:
+    latencies = sorted(latencies)
+    return {"n": len(latencies), "p50_s": statistics.median(latencies),
+            "p90_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+            "clips_per_s": len(latencies) / wall_s}
+
+
+def bench_server(url: str, token: str | None, clip: bytes, n: int, concurrency: int) -> dict:
+    headers = {"Content-Type": "audio/wav", **({"Authorization": f"Bearer {token}"} if token else {})}
+    local = threading.local()  # one keep-alive connection per client thread
+
+    def one(_):
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        start = time.perf_counter()
+        response = local.session.post(f"{url}/predictions/conette", data=clip, headers=headers, timeout=300)
+        response.raise_for_status()
+        return time.perf_counter() - start
+
+    one(0)  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(n)))
+    return summary(latencies, time.perf_counter() - start)
+
+
+def bench_engine(engine, clip: bytes, n: int, concurrency: int) -> dict:
+    options = engine.parse_options({})
+
+    def batch(size: int) -> float:
+        start = time.perf_counter()
+        audios = [engine.load_audio(clip) for _ in range(size)]
+        engine.caption(audios, [options] * size)
+        return time.perf_counter() - start
+
+    batch(1)  # warm-up
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(max(1, n // concurrency)):
+        seconds = batch(concurrency)
+        latencies += [seconds] * concurrency  # every clip of a batch waits for the whole batch
+    return summary(latencies, time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the checkpoint the server's .mar was built from")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    parser.add_argument("--token", help="inference key (default: from key_file.json)")
+    parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the repo root)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip duration")
+    parser.add_argument("--requests", type=int, default=16, help="requests per measurement")
+    args = parser.parse_args()
+
+    import torch
+
+    from conette_engine.engine import CaptioningEngine
+
+    clip = make_clip(args.seconds)
+    token = resolve_token("inference", args.token, args.key_file)
+    engine = CaptioningEngine.load(args.checkpoint)
+    print(f"clip: {args.seconds:g} s 44.1 kHz stereo WAV ({len(clip)} bytes); beam 3; {args.requests} requests "
+          f"per row; in-process torch threads: {torch.get_num_threads()}")
+    print(f"{'setup':<28} {'conc':>4} {'p50 latency s':>14} {'p90 latency s':>14} {'clips/s':>8}")
+    for concurrency in (1, 8):
+        n = args.requests if concurrency > 1 else max(4, args.requests // 2)
+        rows = [("TorchServe (HTTP, batching)", bench_server(args.url, token, clip, n, concurrency)),
+                ("in-process engine", bench_engine(engine, clip, n, concurrency))]
+        for name, row in rows:
+            print(f"{name:<28} {concurrency:>4} {row['p50_s']:>14.3f} {row['p90_s']:>14.3f} {row['clips_per_s']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
