@@ -83,16 +83,6 @@ def decode_base64(text, where: str) -> bytes:
         raise InputError(f"{where} is not valid base64: {err}", type="invalid_base64") from None
 
 
-def as_text(value) -> str | int | float:
-    """Query and form values arrive as bytearray; JSON values keep their type."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InputError("option values must be UTF-8 text", type="invalid_option") from None
-    return value
-
-
 def error_body(error: InputError) -> str:
     return json.dumps({"error": {"type": error.type, "message": error.message}})
 
@@ -209,8 +199,7 @@ class ConetteHandler(BaseHandler):
 
     def _make_item(self, audio: bytes, options: dict, where: str = ""):
         try:
-            request_options = {name: as_text(value) for name, value in options.items()}
-            parsed_options = self.engine.parse_options({**self.default_options, **request_options})
+            parsed_options = self.engine.parse_options({**self.default_options, **options})
             return self.engine.load_audio(audio), parsed_options
         except InputError as error:
             raise type(error)(where + error.message, type=error.type) from None
