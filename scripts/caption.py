@@ -143,8 +143,8 @@ class Client:
     backoff_s: float
     timeout_s: float
     _local: threading.local = field(default_factory=threading.local)
-    # Set once the server refused the token: files not yet started are then skipped.
-    refused: threading.Event = field(default_factory=threading.Event)
+    # Set when the run must end early (token refused, Ctrl-C): files not yet started are then skipped.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def session(self) -> requests.Session:
         # One session per thread: requests.Session is not documented as thread-safe.
@@ -156,7 +156,7 @@ class Client:
 
     def caption(self, path: str, task: str | None) -> Outcome | None:
         """The outcome for one file, or None when the run was stopped before it started."""
-        if self.refused.is_set():
+        if self.stopping.is_set():
             return None
         outcome = Outcome(path=path, task=task)
         try:
@@ -191,7 +191,7 @@ class Client:
                     return outcome
                 outcome.error = error_of(response)
                 if is_authorization_failure(response):
-                    self.refused.set()
+                    self.stopping.set()
                     raise AuthorizationError(f"{outcome.error['type']}: {outcome.error['message']}")
                 if response.status_code not in RETRY_STATUSES:
                     return outcome
@@ -351,18 +351,23 @@ def run(args: argparse.Namespace) -> int:
     refused: AuthorizationError | None = None
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         futures = {pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))}
-        for future in as_completed(futures):
-            try:
-                outcome = future.result()
-            except AuthorizationError as error:
-                refused = refused or error
-                continue
-            if outcome is None:
-                continue
-            outcomes[futures[future]] = outcome
-            progress.clear()
-            report(outcome, args.json)
-            progress.update(failed=outcome.response is None)
+        try:
+            for future in as_completed(futures):
+                try:
+                    outcome = future.result()
+                except AuthorizationError as error:
+                    refused = refused or error
+                    continue
+                if outcome is None:
+                    continue
+                outcomes[futures[future]] = outcome
+                progress.clear()
+                report(outcome, args.json)
+                progress.update(failed=outcome.response is None)
+        except KeyboardInterrupt:
+            # Leaving the `with` waits for every queued file: make those return at once.
+            client.stopping.set()
+            raise
     progress.clear()
     if refused is not None:
         print(

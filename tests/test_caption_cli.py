@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -191,6 +192,27 @@ def test_refused_token_stops_the_run(tmp_path):
     assert result.returncode == 2
     assert "refused the inference token" in result.stderr and "--key-file" in result.stderr
     assert len(server.requests) < len(paths)
+
+
+def test_ctrl_c_stops_without_sending_the_queued_files(tmp_path):
+    paths = []
+    for index in range(40):
+        paths.append(tmp_path / f"{index}.wav")
+        paths[-1].write_bytes(b"RIFF")
+    with ScriptedServer(lambda n, request: (200, caption_payload(request["body"])), delay_s=0.5) as server:
+        process = subprocess.Popen(
+            [sys.executable, str(CAPTION_SCRIPT), "--no-progress", "--audio", *map(str, paths), "--url", server.url,
+             "--concurrency", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert len(server.requests) <= 6  # the requests in flight (and maybe one round more), not all 40
 
 
 def test_request_shape_options_and_key_file_token(tmp_path, two_files):
