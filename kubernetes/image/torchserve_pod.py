@@ -6,7 +6,8 @@
         Healthy before any model is loaded and after a load failed, so it cannot gate traffic.
     torchserve_pod.py stop [--model conette] [--endpoint-grace-s 5] [--drain-timeout-s 60]
         preStop: keep serving while the endpoint is removed from the Service, wait until the model's queue
-        is empty, then `torchserve --stop --foreground` (SIGTERM to the Java frontend, waits for it to exit).
+        is empty and the workers are idle, then `torchserve --stop --foreground` (SIGTERM to the Java
+        frontend, which drops whatever is still in flight, so it comes last; it waits for the exit).
 
 Both talk to the management API (default http://127.0.0.1:8081, loopback-only by config.properties),
 sending the management key from key_file.json (TorchServe writes it into its working directory) when
@@ -43,6 +44,21 @@ def pending_requests(versions: list) -> int:
     return sum(version.get("jobQueueStatus", {}).get("pendingRequests", 0) for version in versions)
 
 
+def worker_cpu_ticks(versions: list) -> int:
+    """CPU time (clock ticks) used so far by the model's worker processes. TorchServe reports queued requests
+    but not the batch a worker is running; a worker that is computing keeps adding CPU time, an idle one
+    blocks on its socket and adds none. The probe runs in the server's PID namespace, so /proc has them."""
+    ticks = 0
+    for version in versions:
+        for worker in version.get("workers", []):
+            try:
+                fields = Path(f"/proc/{worker['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            except (KeyError, OSError):
+                continue  # no pid yet, or the worker is gone
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
+    return ticks
+
+
 def cmd_ready(args: argparse.Namespace) -> int:
     try:
         versions = describe_model(args)
@@ -57,20 +73,41 @@ def cmd_ready(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_cpu_ticks(versions: list) -> int:
+    """CPU time (clock ticks) used so far by the model's worker processes. TorchServe reports queued requests
+    but not the batch a worker is running; a worker that is computing keeps adding CPU time, an idle one
+    blocks on its socket and adds none. This runs in the server's PID namespace, so /proc has them."""
+    ticks = 0
+    for version in versions:
+        for worker in version.get("workers", []):
+            try:
+                fields = Path(f"/proc/{worker['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            except (KeyError, OSError):
+                continue  # no pid yet, or the worker is gone
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
+    return ticks
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     # The pod is already out of the Service's endpoints or about to be: requests may still arrive for a
     # few seconds while kube-proxy / the ingress catch up.
     time.sleep(args.endpoint_grace_s)
+    # Drained = nothing queued and no worker CPU activity across two consecutive polls: the frontend drops
+    # whatever is still in flight when it gets SIGTERM, so the batch a worker is running must finish first.
     deadline = time.monotonic() + args.drain_timeout_s
-    while time.monotonic() < deadline:
+    previous_ticks, idle_polls = None, 0
+    while time.monotonic() < deadline and idle_polls < 2:
         try:
-            if pending_requests(describe_model(args)) == 0:
-                break
+            versions = describe_model(args)
         except (OSError, ValueError, KeyError):
             break  # management API gone: nothing left to drain
+        pending, ticks = pending_requests(versions), worker_cpu_ticks(versions)
+        idle_polls = idle_polls + 1 if pending == 0 and ticks == previous_ticks else 0
+        previous_ticks = ticks
+        print(f"pending requests {pending}, worker CPU ticks {ticks}, idle polls {idle_polls}", flush=True)
         time.sleep(0.5)
-    # The queue is empty; the batch a worker may still be running finishes within responseTimeout, and
-    # `torchserve --stop --foreground` waits (up to 60 s) for the frontend to exit.
+    # SIGTERM to the Java frontend (pid file in TEMP), then wait up to 60 s for it to exit; the container's
+    # main process (torchserve --foreground) returns with it.
     return subprocess.call(["torchserve", "--stop", "--foreground"])
 
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Build the CPU container image with podman, run it the way Kubernetes does, and caption real audio with it.
+#
+#   sudo scripts/build_image.sh [IMAGE_TAG]        (default conette-serve:cpu-local)
+#
+# For machines without a Docker engine or registry access to base images (see README "Kubernetes > Building
+# the image here"): podman with the runc runtime, a Debian bookworm base made with debootstrap from Debian's
+# mirror, pip through the local wheel store (PyPI's torch wheels for 2.14.1 are the CUDA build, so the image
+# is large; a registry build with the Dockerfile's default CPU index is not).
+# Steps: base image -> image build -> test checkpoint + .mar (mounted as a volume, read-only) -> container with
+# a read-only root filesystem, non-root UID, no capabilities -> readiness probe -> caption request (token from
+# key_file.json, as a user of the plain image does) -> graceful stop through the preStop command.
+#
+# Environment: WORK_DIR (scratch, default /var/tmp/conette-image), LOCAL_WHEELS (find-links dir for pip,
+# default /opt/pypi-more/files when present), CA_BUNDLE (CA certificates for pip, default the host's),
+# TORCH_INDEX_URL (default https://pypi.org/simple), PORT_BASE (host ports PORT_BASE+0/1/2 for inference/
+# management/metrics, default 38080; the container shares the host network), KEEP=1 keeps the container.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+image="${1:-conette-serve:cpu-local}"
+work="${WORK_DIR:-/var/tmp/conette-image}"
+base_image=localhost/conette-base:bookworm
+container=conette-serve-check
+port_base="${PORT_BASE:-38080}"
+inference_port=$port_base management_port=$((port_base + 1)) metrics_port=$((port_base + 2))
+ca_bundle="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+local_wheels="${LOCAL_WHEELS:-/opt/pypi-more/files}"
+python="${PYTHON:-$repo_root/.venv/bin/python}"
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+    echo "error: run as root (rootful podman; debootstrap)" >&2
+    exit 1
+fi
+missing=()
+for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap
+fi
+mkdir -p "$work"
+# Containers may not set rlimits here ("error setting rlimit ... operation not permitted"): a private
+# containers.conf without default ulimits, instead of editing /etc/containers.
+printf '[containers]\ndefault_ulimits = []\n' > "$work/containers.conf"
+export CONTAINERS_CONF="$work/containers.conf"
+podman() { command podman --runtime runc "$@"; }
+
+if ! podman image exists "$base_image"; then
+    log "base image: debootstrap bookworm (minbase) -> $base_image"
+    rm -rf "$work/rootfs"
+    debootstrap --variant=minbase bookworm "$work/rootfs" http://deb.debian.org/debian
+    tar -C "$work/rootfs" -c . | podman import - "$base_image"
+    rm -rf "$work/rootfs"
+fi
+
+log "image build: $image"
+build_args=(--build-arg "BASE_IMAGE=$base_image" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}")
+volumes=()
+pip_args=()
+if [ -f "$ca_bundle" ]; then
+    volumes+=(-v "$ca_bundle:/run/build-ca.crt:ro")
+    pip_args+=(--cert /run/build-ca.crt)
+fi
+if [ -d "$local_wheels" ]; then
+    volumes+=(-v "$local_wheels:/run/wheels:ro")
+    pip_args+=(--find-links /run/wheels)
+fi
+build_args+=(--build-arg "PIP_EXTRA_ARGS=${pip_args[*]}")
+time podman build --network=host --pull=never "${volumes[@]}" "${build_args[@]}" -t "$image" "$repo_root"
+podman image ls "$image"
+
+log "test checkpoint and model archive (mounted read-only at /opt/conette/model-store)"
+rm -rf "$work/checkpoint" "$work/model-store"
+"$python" "$repo_root/scripts/make_test_checkpoint.py" "$work/checkpoint"
+PYTHON="$python" "$repo_root/scripts/build_mar.sh" "$work/checkpoint" "$work/model-store"
+chmod -R a+rX "$work/model-store"
+
+log "run: read-only root, UID 1000, no capabilities, tmpfs for /tmp and /home/model-server"
+podman rm -f "$container" >/dev/null 2>&1 || true
+# The host network (bridge networking is unavailable here) means the binds move to free ports through
+# TS_* overrides, which enable_envvars_config=true in the baked config.properties allows.
+podman run -d --name "$container" --network=host \
+    --read-only --tmpfs /tmp:rw,size=768m --tmpfs /home/model-server:rw,size=64m,uid=1000,gid=1000 \
+    --user 1000:1000 --cap-drop ALL --security-opt no-new-privileges \
+    -v "$work/model-store:/opt/conette/model-store:ro" \
+    -e TS_INFERENCE_ADDRESS="http://127.0.0.1:$inference_port" \
+    -e TS_MANAGEMENT_ADDRESS="http://127.0.0.1:$management_port" \
+    -e TS_METRICS_ADDRESS="http://127.0.0.1:$metrics_port" \
+    -e TS_GRPC_INFERENCE_PORT=$((port_base + 10)) -e TS_GRPC_MANAGEMENT_PORT=$((port_base + 11)) \
+    "$image"
+cleanup() { [ "${KEEP:-0}" = 1 ] || podman rm -f "$container" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+probe=(podman exec "$container" /usr/bin/python3 /opt/conette/bin/torchserve_pod.py)
+started=$(date +%s)
+until "${probe[@]}" ready --management-url "http://127.0.0.1:$management_port" >/dev/null; do
+    if [ "$(podman inspect -f '{{.State.Running}}' "$container")" != true ]; then
+        podman logs "$container" | tail -40
+        echo "error: the container exited before the model was READY" >&2
+        exit 1
+    fi
+    if [ $(( $(date +%s) - started )) -gt 300 ]; then
+        podman logs "$container" | tail -40
+        echo "error: no READY worker after 300 s" >&2
+        exit 1
+    fi
+    sleep 2
+done
+"${probe[@]}" ready --management-url "http://127.0.0.1:$management_port"
+echo "READY after $(( $(date +%s) - started )) s"
+
+log "caption request (token auth is on in the image's default config)"
+inference_key=$(podman exec "$container" cat /home/model-server/key_file.json \
+    | "$python" -c 'import json, sys; print(json.load(sys.stdin)["inference"]["key"])')
+espeak-ng -w "$work/speech.wav" "a dog barks while rain falls on the roof"
+sox "$work/speech.wav" -r 44100 -c 2 "$work/request.flac"
+echo "without token: HTTP $(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: audio/flac' \
+    --data-binary @"$work/request.flac" "http://127.0.0.1:$inference_port/predictions/conette")"
+curl -sS --fail-with-body -X POST -H "Authorization: Bearer $inference_key" -H 'Content-Type: audio/flac' \
+    --data-binary @"$work/request.flac" "http://127.0.0.1:$inference_port/predictions/conette?task=audiocaps"
+echo
+echo "metrics: $(curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -c '^ts_inference_requests_total') ts_inference_requests_total series"
+podman exec "$container" sh -c 'id; touch /opt/conette/probe-write 2>&1 || true'
+
+log "graceful stop (the preStop command): drain, torchserve --stop, the container exits by itself"
+stop_started=$(date +%s)
+"${probe[@]}" stop --management-url "http://127.0.0.1:$management_port" --endpoint-grace-s 1 --drain-timeout-s 30
+podman wait "$container" >/dev/null
+echo "container exited with $(podman inspect -f '{{.State.ExitCode}}' "$container") after $(( $(date +%s) - stop_started )) s"
