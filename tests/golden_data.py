@@ -59,6 +59,8 @@ def case_sources(case: dict) -> list[tuple[object, int | None]]:
     if x["kind"] == "paths":
         return [(AUDIO / Path(p).name, None) for p in x["value"]]
     data = resolve({"kind": "tensor", "file": x["file"], "key": x["key"]})
+    if x["kind"] == "tensor_list_item":
+        return [(data[x["index"]], case["args"].get("sr"))]
     items = list(data) if x["kind"] == "tensor_list" else _split_tensor(data)
     rates = case["args"].get("sr")
     rates = rates if isinstance(rates, list) else [rates] * len(items)

@@ -130,6 +130,26 @@ def test_batch_invariance_with_mixed_lengths(engine):
     assert batched[0].caption == alone_a01.caption
 
 
+MIXED_LENGTH_CASES = ["d20_batch4_paths", "d21_batch3_tasklist_beam2", "d25_tensorlist_per_item_sr",
+                      "d26_tensorlist_sr_none"]
+
+
+@pytest.mark.parametrize("case_id", MIXED_LENGTH_CASES)
+def test_mixed_length_batch_gives_each_item_its_lone_reference_answer(engine, case_id):
+    """The reference's padded batches leak padding into shorter items; here each item of the same batch
+    gets exactly what the reference gives for that item alone (goldens lone_<case>_<i>)."""
+    case = golden_data.cases()[case_id]
+    audios = [engine.load_audio(source, sample_rate=rate) for source, rate in golden_data.case_sources(case)]
+    assert len({a.waveform.shape[0] for a in audios}) > 1
+    results = engine.caption(audios, case_options(engine, case, len(audios)))
+    lone_prefix = "lone_" + case_id.split("_")[0]
+    for i, result in enumerate(results):
+        outputs = golden_data.goldens()["cases"][f"{lone_prefix}_{i}"]["outputs"]
+        assert_same_as_reference(result, outputs, 0)
+        assert [label for label, _ in result.tags] == outputs["tags"][0]
+        torch.testing.assert_close(result.clip_probs, outputs["tags_probs"][0], atol=PROB_ATOL, rtol=0)
+
+
 def test_same_input_same_output_run_after_run(engine):
     audio = engine.load_audio(golden_data.AUDIO / "a06.ogg")
     first = engine.caption([audio, audio])
