@@ -23,7 +23,8 @@ Fixtures for any test module:
 
 The server runs the repository's config.properties with only the addresses, paths and ports changed (18080-18082,
 gRPC 17070/17071), so it never collides with `make serve`; its TEMP (pid file, worker sockets, extracted .mar) is a
-private tmp dir. Token authorization is ON, as in production.
+private tmp dir. Token authorization is ON, as in production. If another run holds those ports, free ones are
+picked instead: always use the URL attributes, never hard-coded ports.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +49,31 @@ MODEL_NAME = "conette"
 TEST_PORTS = {"inference": 18080, "management": 18081, "metrics": 18082, "grpc_inference": 17070,
               "grpc_management": 17071}
 STARTUP_TIMEOUT_S = 240
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(preferred: dict[str, int] = TEST_PORTS) -> dict[str, int]:
+    """The preferred ports when all are free, else free ones the kernel picks (another run may hold ours)."""
+    if all(port_is_free(port) for port in preferred.values()):
+        return dict(preferred)
+    ports = {}
+    sockets = []
+    for name in preferred:  # keep every probe bound until all are chosen, so no two names get the same port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        sockets.append(probe)
+        ports[name] = probe.getsockname()[1]
+    for probe in sockets:
+        probe.close()
+    return ports
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -73,7 +100,7 @@ class TorchServeInstance:
     workdir: Path
     model_store: Path
     model_name: str = MODEL_NAME
-    ports: dict = field(default_factory=lambda: dict(TEST_PORTS))
+    ports: dict = field(default_factory=free_ports)
     overrides: dict = field(default_factory=dict)  # extra config.properties entries (e.g. to disable auth)
     process: subprocess.Popen | None = None
     keys: dict = field(default_factory=dict)

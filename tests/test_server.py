@@ -19,7 +19,7 @@ import requests
 
 from audio_factory import make_audio
 from conette_engine.engine import CaptioningEngine
-from conftest import REPO_ROOT, TorchServeInstance, read_properties
+from conftest import REPO_ROOT, TorchServeInstance, free_ports, read_properties
 
 SCORE_ATOL = 1e-4
 PROB_ATOL = 1e-5
@@ -346,9 +346,9 @@ def test_model_registration_is_disabled(ts_server):
 
 
 def test_clean_stop_leaves_no_process(tmp_path, model_store_dir):
-    ports = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
-             "grpc_management": 17171}
-    server = TorchServeInstance(workdir=tmp_path, model_store=model_store_dir, ports=ports).start()
+    other_ports = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
+                   "grpc_management": 17171}
+    server = TorchServeInstance(workdir=tmp_path, model_store=model_store_dir, ports=free_ports(other_ports)).start()
     assert server.own_processes(), "the server should be running"
     assert server.key_file.is_file()
     server.stop()
