@@ -7,7 +7,7 @@
 # the image here"): podman with the runc runtime, a Debian bookworm base made with debootstrap from Debian's
 # mirror, pip through the local wheel store (PyPI's torch wheels for 2.14.1 are the CUDA build, so the image
 # is large; a registry build with the Dockerfile's default CPU index is not).
-# Steps: base image -> image build -> test checkpoint + .mar (mounted as a volume, read-only) -> container with
+# Steps: base image -> image build -> test checkpoint + .mar made in the image (mounted read-only) -> container with
 # a read-only root filesystem, non-root UID, no capabilities -> readiness probe -> caption request (token from
 # key_file.json, as a user of the plain image does) -> graceful stop through the preStop command.
 #
@@ -26,7 +26,6 @@ port_base="${PORT_BASE:-38080}"
 inference_port=$port_base management_port=$((port_base + 1)) metrics_port=$((port_base + 2))
 ca_bundle="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 local_wheels="${LOCAL_WHEELS:-/opt/pypi-more/files}"
-python="${PYTHON:-$repo_root/.venv/bin/python}"
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -71,18 +70,23 @@ build_args+=(--build-arg "PIP_EXTRA_ARGS=${pip_args[*]}")
 time podman build --network=host --pull=never "${volumes[@]}" "${build_args[@]}" -t "$image" "$repo_root"
 podman image ls "$image"
 
-log "test checkpoint and model archive (mounted read-only at /opt/conette/model-store)"
-rm -rf "$work/checkpoint" "$work/model-store"
-"$python" "$repo_root/scripts/make_test_checkpoint.py" "$work/checkpoint"
-PYTHON="$python" "$repo_root/scripts/build_mar.sh" "$work/checkpoint" "$work/model-store"
-chmod -R a+rX "$work/model-store"
+log "test checkpoint and model archive, made inside the image as the fetch-weights init container does"
+rm -rf "$work/model-store" && mkdir -p "$work/model-store"
+# Same restrictions as the pod; the model store is the only writable mount besides tmpfs /tmp (U: owned by
+# the container user, as fsGroup makes the emptyDirs writable in Kubernetes).
+podman run --rm --network=host --read-only --tmpfs /tmp:rw,size=768m,U \
+    --user 1000:1000 --cap-drop ALL --security-opt no-new-privileges \
+    -v "$work/model-store:/opt/conette/model-store:U" "$image" sh -c \
+    'python /opt/conette/scripts/make_test_checkpoint.py /tmp/checkpoint &&
+     /opt/conette/scripts/build_mar.sh /tmp/checkpoint /opt/conette/model-store'
+ls -l "$work/model-store"
 
 log "run: read-only root, UID 1000, no capabilities, tmpfs for /tmp and /home/model-server"
 podman rm -f "$container" >/dev/null 2>&1 || true
 # The host network (bridge networking is unavailable here) means the binds move to free ports through
 # TS_* overrides, which enable_envvars_config=true in the baked config.properties allows.
 podman run -d --name "$container" --network=host \
-    --read-only --tmpfs /tmp:rw,size=768m --tmpfs /home/model-server:rw,size=64m,uid=1000,gid=1000 \
+    --read-only --tmpfs /tmp:rw,size=768m,U --tmpfs /home/model-server:rw,size=64m,U \
     --user 1000:1000 --cap-drop ALL --security-opt no-new-privileges \
     -v "$work/model-store:/opt/conette/model-store:ro" \
     -e TS_INFERENCE_ADDRESS="http://127.0.0.1:$inference_port" \
@@ -113,13 +117,13 @@ echo "READY after $(( $(date +%s) - started )) s"
 
 log "caption request (token auth is on in the image's default config)"
 inference_key=$(podman exec "$container" cat /home/model-server/key_file.json \
-    | "$python" -c 'import json, sys; print(json.load(sys.stdin)["inference"]["key"])')
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["inference"]["key"])')
 espeak-ng -w "$work/speech.wav" "a dog barks while rain falls on the roof"
-sox "$work/speech.wav" -r 44100 -c 2 "$work/request.flac"
+sox -D "$work/speech.wav" -r 44100 -c 2 "$work/request.flac"
 echo "without token: HTTP $(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: audio/flac' \
     --data-binary @"$work/request.flac" "http://127.0.0.1:$inference_port/predictions/conette")"
 curl -sS --fail-with-body -X POST -H "Authorization: Bearer $inference_key" -H 'Content-Type: audio/flac' \
-    --data-binary @"$work/request.flac" "http://127.0.0.1:$inference_port/predictions/conette?task=audiocaps"
+    --data-binary @"$work/request.flac" "http://127.0.0.1:$inference_port/predictions/conette"
 echo
 echo "metrics: $(curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -c '^ts_inference_requests_total') ts_inference_requests_total series"
 podman exec "$container" sh -c 'id; touch /opt/conette/probe-write 2>&1 || true'

@@ -6,8 +6,9 @@
         Healthy before any model is loaded and after a load failed, so it cannot gate traffic.
     torchserve_pod.py stop [--model conette] [--endpoint-grace-s 5] [--drain-timeout-s 60]
         preStop: keep serving while the endpoint is removed from the Service, wait until the model's queue
-        is empty and the workers are idle, then `torchserve --stop --foreground` (SIGTERM to the Java
-        frontend, which drops whatever is still in flight, so it comes last; it waits for the exit).
+        is empty and the workers are idle, then `torchserve --stop`: SIGTERM to the Java frontend (which
+        drops whatever is still in flight, hence the drain first); `torchserve --foreground`, the container's
+        main process, returns when the frontend has exited, and the container ends.
 
 Both talk to the management API (default http://127.0.0.1:8081, loopback-only by config.properties),
 sending the management key from key_file.json (TorchServe writes it into its working directory) when
@@ -106,9 +107,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         previous_ticks = ticks
         print(f"pending requests {pending}, worker CPU ticks {ticks}, idle polls {idle_polls}", flush=True)
         time.sleep(0.5)
-    # SIGTERM to the Java frontend (pid file in TEMP), then wait up to 60 s for it to exit; the container's
-    # main process (torchserve --foreground) returns with it.
-    return subprocess.call(["torchserve", "--stop", "--foreground"])
+    # SIGTERM to the Java frontend (pid file in TEMP) and return at once: waiting here (--foreground) would
+    # only get this hook killed when the container ends, reported as a failed preStop hook.
+    return subprocess.call(["torchserve", "--stop"])
 
 
 def main(argv: list[str] | None = None) -> int:
