@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import argparse
+import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -29,6 +32,7 @@ SCHEMA_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 MANAGEMENT_PORT = 8081
 MODEL_NAME = "conette"
 PROBE_SCRIPT = "/opt/conette/bin/torchserve_pod.py"
+PROBE_SOURCE = KUBERNETES / "image" / "torchserve_pod.py"
 # Settings the cluster config may set differently from the project's config.properties (binds, image paths,
 # envvar overrides, JVM flags); every other setting must be identical.
 CONTAINER_OVERRIDES = {
@@ -426,3 +430,36 @@ def test_kserve_examples_parse_and_use_the_storage_layout():
         assert model["runtime"] == runtime["metadata"]["name"]
         assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
         assert model["storageUri"]
+
+
+# --- the pod helper against a real TorchServe -------------------------------------------------------------
+
+def run_probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROBE_SOURCE), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_readiness_probe_passes_only_for_a_model_with_a_ready_worker(ts_server):
+    ts_server.wait_for_workers(1)
+    common = ("--management-url", ts_server.management_url, "--key-file", str(ts_server.key_file))
+    ready = run_probe("ready", *common)
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert "1 READY worker" in ready.stdout
+    unknown = run_probe("ready", "--model", "no-such-model", *common)
+    assert unknown.returncode == 1 and "not ready" in unknown.stdout
+    closed = run_probe("ready", "--management-url", "http://127.0.0.1:9")
+    assert closed.returncode == 1 and "not ready" in closed.stdout
+    if ts_server.key_file.is_file():  # token auth on: the management key is what gets the probe in
+        no_key = run_probe("ready", "--management-url", ts_server.management_url, "--key-file", "/nonexistent")
+        assert no_key.returncode == 1
+
+
+def test_drain_sees_the_worker_process_of_a_real_torchserve(ts_server):
+    spec = importlib.util.spec_from_file_location("torchserve_pod", PROBE_SOURCE)
+    pod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pod)
+    ts_server.wait_for_workers(1)
+    args = argparse.Namespace(model=MODEL_NAME, management_url=ts_server.management_url, key_file=ts_server.key_file)
+    versions = pod.describe_model(args)
+    assert pod.pending_requests(versions) == 0
+    # The worker loaded a model, so it has used CPU time: the pid TorchServe reports is readable in /proc.
+    assert pod.worker_cpu_ticks(versions) > 0
