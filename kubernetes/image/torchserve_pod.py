@@ -45,21 +45,6 @@ def pending_requests(versions: list) -> int:
     return sum(version.get("jobQueueStatus", {}).get("pendingRequests", 0) for version in versions)
 
 
-def worker_cpu_ticks(versions: list) -> int:
-    """CPU time (clock ticks) used so far by the model's worker processes. TorchServe reports queued requests
-    but not the batch a worker is running; a worker that is computing keeps adding CPU time, an idle one
-    blocks on its socket and adds none. The probe runs in the server's PID namespace, so /proc has them."""
-    ticks = 0
-    for version in versions:
-        for worker in version.get("workers", []):
-            try:
-                fields = Path(f"/proc/{worker['pid']}/stat").read_text().rsplit(")", 1)[1].split()
-            except (KeyError, OSError):
-                continue  # no pid yet, or the worker is gone
-            ticks += int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
-    return ticks
-
-
 def cmd_ready(args: argparse.Namespace) -> int:
     try:
         versions = describe_model(args)
