@@ -44,8 +44,9 @@ CONTAINER_OVERRIDES = {
 def kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        pytest.fail("kubectl is required to render the Kustomize overlays (apt-get install kubectl, or any kubectl "
-                    ">= 1.27, whose built-in kustomize supports `labels` and components)")
+        pytest.fail("kubectl is required to render the Kustomize overlays: kubectl >= 1.27 (kustomize v5: `labels`, "
+                    "components), e.g. the `kubectl` .deb these machines come with; Debian bookworm's own "
+                    "`kubernetes-client` (1.20) is too old")
     return path
 
 
