@@ -14,8 +14,8 @@
 # container expects a volume there (PVC, init container, KServe storage initializer). config.properties
 # loads conette.mar; mount another config over /opt/conette/config to load a no-archive directory.
 #
-# On machines without a registry mirror of the base image, scripts/build_image.sh builds this file with
-# podman from a locally debootstrapped Debian bookworm (BASE_IMAGE) and local wheels (PIP_EXTRA_ARGS).
+# On machines without a Docker engine or registry access, scripts/build_image.sh builds this file with podman
+# from a locally debootstrapped Debian bookworm (BASE_IMAGE), with PIP_EXTRA_ARGS for the local CA and wheels.
 
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${BASE_IMAGE}

@@ -3,10 +3,11 @@
 #
 #   sudo scripts/build_image.sh [IMAGE_TAG]        (default conette-serve:cpu-local)
 #
-# For machines without a Docker engine or registry access to base images (see README "Kubernetes > Building
-# the image here"): podman with the runc runtime, a Debian bookworm base made with debootstrap from Debian's
-# mirror, pip through the local wheel store (PyPI's torch wheels for 2.14.1 are the CUDA build, so the image
-# is large; a registry build with the Dockerfile's default CPU index is not).
+# For machines without a Docker engine or registry access to base images (see README "Deploying on Kubernetes"):
+# podman with the runc runtime, a Debian bookworm base made with debootstrap from Debian's mirror, pip from
+# PyPI with the host's CA bundle (for a TLS-intercepting proxy) and the local wheel store as extra find-links.
+# The download.pytorch.org CPU index is unreachable here, so torch comes from PyPI, whose Linux torch 2.14.1 is
+# the CUDA build: the image is ~7 GB here, a registry build with the Dockerfile's default CPU index is not.
 # Steps: base image -> image build -> test checkpoint + .mar made in the image (mounted read-only) -> container with
 # a read-only root filesystem, non-root UID, no capabilities -> readiness probe -> caption request (token from
 # key_file.json, as a user of the plain image does) -> graceful stop through the preStop command.
