@@ -47,7 +47,16 @@ def summary(latencies: list[float], wall_s: float) -> dict:
             "clips_per_s": len(latencies) / wall_s}
 
 
-def bench_server(url: str, token: str | None, clip: bytes, n: int, concurrency: int) -> dict:
+def batch_totals(metrics_url: str) -> tuple[float, float]:
+    """(batches, requests in them) so far, from the handler's BatchSize histogram on the metrics port."""
+    text = requests.get(f"{metrics_url}/metrics", timeout=30).text
+    sums = {kind: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith(f"BatchSize_{kind}{{"))
+            for kind in ("count", "sum")}
+    return sums["count"], sums["sum"]
+
+
+def bench_server(url: str, metrics_url: str, token: str | None, clip: bytes, n: int, concurrency: int) -> dict:
     headers = {"Content-Type": "audio/wav", **({"Authorization": f"Bearer {token}"} if token else {})}
     local = threading.local()  # one keep-alive connection per client thread
 
@@ -60,10 +69,14 @@ def bench_server(url: str, token: str | None, clip: bytes, n: int, concurrency: 
         return time.perf_counter() - start
 
     one(0)  # warm-up
+    batches_before, requests_before = batch_totals(metrics_url)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = list(pool.map(one, range(n)))
-    return summary(latencies, time.perf_counter() - start)
+    result = summary(latencies, time.perf_counter() - start)
+    batches_after, requests_after = batch_totals(metrics_url)
+    result["mean_batch"] = (requests_after - requests_before) / max(1.0, batches_after - batches_before)
+    return result
 
 
 def bench_engine(engine, clip: bytes, n: int, concurrency: int) -> dict:
@@ -81,13 +94,14 @@ def bench_engine(engine, clip: bytes, n: int, concurrency: int) -> dict:
     for _ in range(max(1, n // concurrency)):
         seconds = batch(concurrency)
         latencies += [seconds] * concurrency  # every clip of a batch waits for the whole batch
-    return summary(latencies, time.perf_counter() - start)
+    return {**summary(latencies, time.perf_counter() - start), "mean_batch": float(concurrency)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the checkpoint the server's .mar was built from")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    parser.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="TorchServe metrics address")
     parser.add_argument("--token", help="inference key (default: from key_file.json)")
     parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the repo root)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip duration")
@@ -103,13 +117,13 @@ def main() -> None:
     engine = CaptioningEngine.load(args.checkpoint)
     print(f"clip: {args.seconds:g} s 44.1 kHz stereo WAV ({len(clip)} bytes); beam 3; {args.requests} requests "
           f"per row; in-process torch threads: {torch.get_num_threads()}")
-    print(f"{'setup':<28} {'conc':>4} {'p50 latency s':>14} {'p90 latency s':>14} {'clips/s':>8}")
+    print(f"{'setup':<28} {'conc':>4} {'p50 latency s':>14} {'p90 latency s':>14} {'clips/s':>8} {'batch':>6}")
     for concurrency in (1, 8):
         n = args.requests if concurrency > 1 else max(4, args.requests // 2)
-        rows = [("TorchServe (HTTP, batching)", bench_server(args.url, token, clip, n, concurrency)),
+        rows = [("TorchServe (HTTP, batching)", bench_server(args.url, args.metrics_url, token, clip, n, concurrency)),
                 ("in-process engine", bench_engine(engine, clip, n, concurrency))]
         for name, row in rows:
-            print(f"{name:<28} {concurrency:>4} {row['p50_s']:>14.3f} {row['p90_s']:>14.3f} {row['clips_per_s']:>8.2f}")
+            print(f"{name:<28} {concurrency:>4} {row['p50_s']:>14.3f} {row['p90_s']:>14.3f} {row['clips_per_s']:>8.2f} {row['mean_batch']:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -105,17 +105,13 @@ class TorchServeInstance:
     process: subprocess.Popen | None = None
     keys: dict = field(default_factory=dict)
 
-    @property
-    def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['inference']}"
+    def url(self, api: str) -> str:
+        """Base URL of an API: "inference", "management" or "metrics"."""
+        return f"http://127.0.0.1:{self.ports[api]}"
 
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['management']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}"
+    inference_url = property(lambda self: self.url("inference"))
+    management_url = property(lambda self: self.url("management"))
+    metrics_url = property(lambda self: self.url("metrics"))
 
     @property
     def key_file(self) -> Path:
@@ -182,8 +178,7 @@ class TorchServeInstance:
 
     def request(self, method: str, path: str, api: str = "inference", token: str | None = "default",
                 **kwargs) -> requests.Response:
-        base = {"inference": self.inference_url, "management": self.management_url,
-                "metrics": self.metrics_url}[api]
+        base = self.url(api)
         if token == "default":
             token = {"inference": self.token, "management": self.management_token}.get(api)
         headers = dict(kwargs.pop("headers", None) or {})
