@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -345,12 +347,25 @@ def test_model_registration_is_disabled(ts_server):
     assert response.status_code == 405, response.text
 
 
-def test_clean_stop_leaves_no_process(tmp_path, model_store_dir):
+def test_no_archive_model_directory_serves_and_stops_cleanly(tmp_path, test_checkpoint_dir, clips, expected):
+    """The unpacked model directory (make mar-dir, for volume mounts) serves; stop leaves no process behind."""
+    store = tmp_path / "store"
+    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_mar.sh"), str(test_checkpoint_dir), str(store),
+                    "--no-archive"], check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+    assert (store / "conette" / "MAR-INF" / "MANIFEST.json").is_file() and not (store / "conette.mar").exists()
     other_ports = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
                    "grpc_management": 17171}
-    server = TorchServeInstance(workdir=tmp_path, model_store=model_store_dir, ports=free_ports(other_ports)).start()
-    assert server.own_processes(), "the server should be running"
-    assert server.key_file.is_file()
-    server.stop()
+    server = TorchServeInstance(workdir=tmp_path / "run", model_store=store, ports=free_ports(other_ports),
+                                overrides={"load_models": "conette=conette"})
+    server.workdir.mkdir()
+    server.start()
+    try:
+        response = server.predict(data=clips["tone_ogg"], headers={"Content-Type": "audio/ogg"})
+        assert response.status_code == 200, response.text
+        assert_same_answer(response.json(), expected("tone_ogg"))
+        assert server.own_processes(), "the server should be running"
+        assert server.key_file.is_file()
+    finally:
+        server.stop()
     assert not server.own_processes()
     assert not server.key_file.exists()
