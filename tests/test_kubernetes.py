@@ -250,6 +250,8 @@ def test_selectors_match_the_pods(rendered, overlay):
     hpa = only(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == only(docs, "Deployment")["metadata"]["name"]
+    assert "replicas" not in only(docs, "Deployment")["spec"], "the HPA owns the replica count"
+    assert hpa["spec"]["minReplicas"] >= 2, "one replica cannot survive a node drain with the PDB"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
 
 
