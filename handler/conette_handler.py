@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
@@ -62,7 +63,7 @@ def available_cpus() -> int:
     """CPUs this process may use: affinity mask, capped by a cgroup v2 CPU quota (containers)."""
     cpus = len(os.sched_getaffinity(0))
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -130,7 +131,7 @@ class ConetteHandler(BaseHandler):
             self.default_options, self.engine.checkpoint_sha256,
         )
 
-    # ---- preprocess: one parsed_request dict per TorchServe request --------------------------------------------------
+    # ---- preprocess: one parsed_request per TorchServe request --------------------------------------------------
 
     def preprocess(self, data):
         started = time.perf_counter()

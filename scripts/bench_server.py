@@ -123,7 +123,8 @@ def main() -> None:
         rows = [("TorchServe (HTTP, batching)", bench_server(args.url, args.metrics_url, token, clip, n, concurrency)),
                 ("in-process engine", bench_engine(engine, clip, n, concurrency))]
         for name, row in rows:
-            print(f"{name:<28} {concurrency:>4} {row['p50_s']:>14.3f} {row['p90_s']:>14.3f} {row['clips_per_s']:>8.2f} {row['mean_batch']:>6.1f}")
+            print(f"{name:<28} {concurrency:>4} {row['p50_s']:>14.3f} {row['p90_s']:>14.3f} "
+                  f"{row['clips_per_s']:>8.2f} {row['mean_batch']:>6.1f}")
 
 
 if __name__ == "__main__":
