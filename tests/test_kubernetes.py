@@ -251,7 +251,7 @@ def test_selectors_match_the_pods(rendered, overlay):
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == only(docs, "Deployment")["metadata"]["name"]
     assert "replicas" not in only(docs, "Deployment")["spec"], "the HPA owns the replica count"
-    assert hpa["spec"]["minReplicas"] >= 2, "one replica cannot survive a node drain with the PDB"
+    assert hpa["spec"]["minReplicas"] >= 2, "with one replica, a node drain takes the service down"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
 
 
