@@ -50,13 +50,15 @@ HOW_TO_SEND_AUDIO = (
 )
 
 
-def parsed_request(protocol: str, items: list | None = None, error: InputError | None = None) -> dict:
+def parsed_request(protocol: str, items: list | None = None, error: InputError | None = None,
+                   request_id: str | None = None) -> dict:
     """One TorchServe request as the stages pass it on (a dict: the module may define only one class).
 
     protocol: "plain" (styles 1-3), "v1" or "v2"; items: (DecodedAudio, DecodingOptions) per instance;
-    then results (one per item) or error (an InputError for the whole request).
+    then results (one per item) or error (an InputError for the whole request); request_id: the client's
+    v2 "id", else TorchServe's request id.
     """
-    return {"protocol": protocol, "items": items or [], "error": error, "results": [], "request_id": None}
+    return {"protocol": protocol, "items": items or [], "error": error, "results": [], "request_id": request_id}
 
 
 def available_cpus() -> int:
@@ -141,7 +143,7 @@ class ConetteHandler(BaseHandler):
                 parsed.append(self._parse_request(request))
             except InputError as error:
                 parsed.append(parsed_request("plain", error=error))
-            parsed[-1]["request_id"] = self.context.get_request_id(idx)
+            parsed[-1]["request_id"] = parsed[-1]["request_id"] or self.context.get_request_id(idx)
         self._record_stage("decode", time.perf_counter() - started)
         return parsed
 
@@ -154,7 +156,9 @@ class ConetteHandler(BaseHandler):
             if "instances" in body:
                 return parsed_request("v1", self._parse_v1(body, form_options))
             if "inputs" in body:
-                return parsed_request("v2", self._parse_v2(body, form_options))
+                client_id = body.get("id")
+                return parsed_request("v2", self._parse_v2(body, form_options),
+                                      request_id=str(client_id) if client_id is not None else None)
             options = {k: v for k, v in body.items() if k != "audio"}
             audio = decode_base64(body.get("audio"), "JSON field 'audio'")
             return parsed_request("plain", [self._make_item(audio, {**form_options, **options})])

@@ -127,10 +127,11 @@ def fire_together(calls: list) -> list[requests.Response]:
 
 # ---- the four request styles ------------------------------------------------------------------------------------
 
-def test_raw_body_with_query_options(ts_server, clips, expected, engine):
-    response = ts_server.request("POST", f"/{ts_server.model_name}/predict",
-                                 params={"task": "audiocaps", "beam_size": "2"}, data=clips["noise_mp3"],
-                                 headers={"Content-Type": "audio/mpeg"})
+# TorchServe 0.12 forwards the query string on these two routes (not on /predictions/<model>; see README).
+@pytest.mark.parametrize("route", ["/conette/predict", "/invocations?model_name=conette"])
+def test_raw_body_with_query_options(ts_server, clips, expected, engine, route):
+    response = ts_server.request("POST", route, params={"task": "audiocaps", "beam_size": "2"},
+                                 data=clips["noise_mp3"], headers={"Content-Type": "audio/mpeg"})
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("application/json")
     answer = response.json()
@@ -185,7 +186,7 @@ def test_open_inference_protocol_v2(ts_server, clips, expected):
     response = ts_server.request("POST", f"/v2/models/{ts_server.model_name}/infer", json=body)
     assert response.status_code == 200, response.text
     answer = response.json()
-    assert answer["model_name"] == ts_server.model_name
+    assert answer["model_name"] == ts_server.model_name and answer["id"] == "req-42"
     outputs = {output["name"]: output for output in answer["outputs"]}
     assert set(outputs) == {"caption", "score", "tags"}
     for i, name in enumerate(names):
@@ -338,6 +339,14 @@ def test_token_required(ts_server, clips):
     # The inference key does not open the management API.
     assert ts_server.request("GET", "/models", api="management", token=ts_server.token).status_code == 400
     assert ts_server.predict(**audio).status_code == 200
+
+
+def test_worker_logs_its_thread_choice(ts_server):
+    """threads: auto = available CPUs // maxWorkers (1), logged when the worker loads the model."""
+    log = (ts_server.workdir / "logs" / "model_log.log").read_text(errors="replace")
+    match = re.search(r"CoNeTTE engine loaded on cpu with (\d+) torch threads \((\d+) CPUs available\)", log)
+    assert match, "the worker did not log its thread choice"
+    assert int(match.group(1)) == int(match.group(2)) >= 1
 
 
 def test_model_registration_is_disabled(ts_server):
