@@ -43,7 +43,7 @@ RAW_BODY_FIELD = "body"  # where TorchServe puts a non-form request body
 ROUTING_FIELDS = ("model_name",)
 OPTION_NAMES = ("task", "beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode", "threshold")
 # Engine settings read from the `handler:` section of model-config.yaml.
-HANDLER_SETTINGS = ("max_duration_s", "threads") + OPTION_NAMES
+HANDLER_SETTINGS = ("max_duration_s", "max_instances", "threads") + OPTION_NAMES
 HOW_TO_SEND_AUDIO = (
     "send the audio as the request body with Content-Type audio/* or application/octet-stream, "
     "as multipart/form-data file field 'audio', or base64-encoded in JSON {\"audio\": \"...\"}"
@@ -115,6 +115,9 @@ class ConetteHandler(BaseHandler):
         self.engine = CaptioningEngine.load(
             properties["model_dir"], device=device, max_duration_s=float(settings.get("max_duration_s", 30.0))
         )
+        # Clips per v1/v2 request: bounds the work of one batch (batchSize x max_instances clips) below
+        # responseTimeout, since a batch that overruns it gets its worker restarted.
+        self.max_instances = int(settings.get("max_instances", 8))
         # Server-wide default options from the yaml; a request's own options override them.
         self.default_options = {name: settings[name] for name in OPTION_NAMES if name in settings}
         self.engine.parse_options(self.default_options)  # fail at load, not per request
@@ -175,6 +178,7 @@ class ConetteHandler(BaseHandler):
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
             raise InputError("'instances' must be a non-empty list", type="invalid_request")
+        self._check_instance_count(len(instances))
         items = []
         for n, instance in enumerate(instances):
             if not isinstance(instance, dict):
@@ -195,12 +199,18 @@ class ConetteHandler(BaseHandler):
         payloads = audio_input.get("data")
         if not isinstance(payloads, list) or not payloads:
             raise InputError("input 'audio' needs a non-empty 'data' list", type="invalid_request")
+        self._check_instance_count(len(payloads))
         parameters = {**(body.get("parameters") or {}), **(audio_input.get("parameters") or {})}
         return [
             self._make_item(decode_base64(payload, f"audio.data[{n}]"), {**form_options, **parameters},
                             where=f"audio.data[{n}]: ")
             for n, payload in enumerate(payloads)
         ]
+
+    def _check_instance_count(self, count: int) -> None:
+        if count > self.max_instances:
+            raise InputError(f"{count} audio instances in one request; the maximum is {self.max_instances}",
+                             type="too_many_instances")
 
     def _make_item(self, audio: bytes, options: dict, where: str = ""):
         try:

@@ -236,6 +236,8 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
         "missing_audio": lambda: ts_server.predict(json={"task": "macs"}),
         "bad_instance": lambda: ts_server.request("POST", "/v1/models/conette:predict", json={"instances": [
             {"audio": {"b64": b64(clips["tone_ogg"])}}, {"audio": {"b64": b64(b"junk" * 50)}}]}),
+        "too_many_instances": lambda: ts_server.request("POST", "/v2/models/conette/infer", json={"inputs": [
+            {"name": "audio", "datatype": "BYTES", "shape": [9], "data": [b64(clips["tone_ogg"])] * 9}]}),
     }
     batches_before, requests_before = batch_counts(ts_server)
     responses = fire_together(
@@ -255,7 +257,7 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
                      "invalid_option": "invalid_option", "out_of_range": "invalid_option",
                      "unknown_option": "unknown_option", "invalid_base64": "invalid_base64",
                      "empty_audio": "empty_audio", "missing_audio": "missing_audio",
-                     "bad_instance": "undecodable_audio"}
+                     "bad_instance": "undecodable_audio", "too_many_instances": "too_many_instances"}
     assert "30" in bad_responses["too_long"].json()["error"]["message"]  # the message states the limit
     assert "instances[1]" in bad_responses["bad_instance"].json()["error"]["message"]
     assert requests_after - requests_before == len(good) + len(bad)
