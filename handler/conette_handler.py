@@ -142,16 +142,21 @@ class ConetteHandler(BaseHandler):
         started = time.perf_counter()
         parsed = []
         for idx, request in enumerate(data):
+            # TorchServe keeps each parameter's content type; the body's is the request's Content-Type.
+            body_type = (self.context.get_request_header(idx, RAW_BODY_FIELD) or {}).get("content-type", "")
             try:
-                parsed.append(self._parse_request(request))
+                parsed.append(self._parse_request(request, body_type))
             except InputError as error:
                 parsed.append(parsed_request("plain", error=error))
             parsed[-1]["request_id"] = parsed[-1]["request_id"] or self.context.get_request_id(idx)
         self._record_stage("decode", time.perf_counter() - started)
         return parsed
 
-    def _parse_request(self, request: dict) -> dict:
+    def _parse_request(self, request: dict, body_type: str) -> dict:
         body = request.get(RAW_BODY_FIELD)
+        if isinstance(body, (bytes, bytearray)) and body_type.startswith("application/json"):
+            # TorchServe hands over the raw bytes when its JSON decoding fails.
+            raise InputError("the body is not valid JSON (Content-Type: application/json)", type="invalid_request")
         # Query parameters and form fields: everything but the audio and TorchServe's routing parameters.
         not_options = (RAW_BODY_FIELD, *AUDIO_FIELDS, *ROUTING_FIELDS)
         form_options = {k: v for k, v in request.items() if k not in not_options}

@@ -232,6 +232,7 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
         "out_of_range": lambda: ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "beam_size": 0}),
         "unknown_option": lambda: ts_server.predict(json={"audio": b64(clips["tone_ogg"]), "beam": 3}),
         "invalid_base64": lambda: ts_server.predict(json={"audio": "***not base64***"}),
+        "invalid_json": lambda: ts_server.predict(data=b'{"audio": ', headers={"Content-Type": "application/json"}),
         "empty_audio": lambda: ts_server.predict(data=b"", headers=octet),
         "missing_audio": lambda: ts_server.predict(json={"task": "macs"}),
         "bad_instance": lambda: ts_server.request("POST", "/v1/models/conette:predict", json={"instances": [
@@ -256,6 +257,7 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
     assert types == {"invalid_audio": "undecodable_audio", "too_long": "audio_too_long",
                      "invalid_option": "invalid_option", "out_of_range": "invalid_option",
                      "unknown_option": "unknown_option", "invalid_base64": "invalid_base64",
+                     "invalid_json": "invalid_request",
                      "empty_audio": "empty_audio", "missing_audio": "missing_audio",
                      "bad_instance": "undecodable_audio", "too_many_instances": "too_many_instances"}
     assert "30" in bad_responses["too_long"].json()["error"]["message"]  # the message states the limit
@@ -378,5 +380,6 @@ def test_no_archive_model_directory_serves_and_stops_cleanly(tmp_path, test_chec
         assert server.key_file.is_file()
     finally:
         server.stop()
-    assert not server.own_processes()
+    left = [" ".join(process.cmdline())[:200] for process in server.own_processes()]
+    assert not left, f"processes left after stop: {left}"
     assert not server.key_file.exists()
