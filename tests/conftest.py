@@ -20,6 +20,10 @@ Fixtures for any test module:
     .metrics_text()     GET /metrics body
     .workers()          the model's workers as described by the management API
     .wait_for_workers(n, timeout=...)   block until exactly n workers are READY
+    .own_processes()    "pid cmdline" of this instance's live frontend and worker processes
+
+A test that needs a server of its own (other config.properties entries, another model store) builds one:
+    TorchServeInstance(workdir=..., model_store=..., ports=free_ports(...), overrides={...}).start() ... .stop()
 
 The server runs the repository's config.properties with only the addresses, paths and ports changed (18080-18082,
 gRPC 17070/17071), so it never collides with `make serve`; its TEMP (pid file, worker sockets, extracted .mar) is a
@@ -231,14 +235,14 @@ class TorchServeInstance:
                 texts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}")
         return "\n".join(texts)
 
-    def own_processes(self) -> list[psutil.Process]:
-        """Live processes of this instance: the frontend (cmdline names our config) and workers (our TEMP)."""
-        marks = (str(self.workdir),)
+    def own_processes(self) -> list[str]:
+        """Live processes of this instance, as "pid cmdline": the frontend and the workers (their command lines
+        name our workdir: the config file, the TEMP dir and the worker sockets in it)."""
         found = []
-        for process in psutil.process_iter(["cmdline"]):
+        for process in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
-            if any(mark in cmdline for mark in marks):
-                found.append(process)
+            if str(self.workdir) in cmdline:
+                found.append(f"{process.info['pid']} {cmdline[:200]}")
         return found
 
     def stop(self, timeout: float = 60) -> None:
@@ -285,5 +289,5 @@ def ts_server(tmp_path_factory, model_store_dir):
     server.start()
     yield server
     server.stop()
-    left = [(p.pid, " ".join(p.cmdline())[:200]) for p in server.own_processes()]
+    left = server.own_processes()
     assert not left, f"processes left after stop: {left}"

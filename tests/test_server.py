@@ -380,6 +380,6 @@ def test_no_archive_model_directory_serves_and_stops_cleanly(tmp_path, test_chec
         assert server.key_file.is_file()
     finally:
         server.stop()
-    left = [" ".join(process.cmdline())[:200] for process in server.own_processes()]
+    left = server.own_processes()
     assert not left, f"processes left after stop: {left}"
     assert not server.key_file.exists()
