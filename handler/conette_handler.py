@@ -86,6 +86,13 @@ def decode_base64(text, where: str) -> bytes:
         raise InputError(f"{where} is not valid base64: {err}", type="invalid_base64") from None
 
 
+def server_error() -> InputError:
+    """A request-level 500 in the same JSON shape as a client error (the module may define only one class)."""
+    error = InputError("the server failed on this request; see the model log", type="internal_error")
+    error.http_status = 500
+    return error
+
+
 def error_body(error: InputError) -> str:
     return json.dumps({"error": {"type": error.type, "message": error.message}})
 
@@ -148,6 +155,9 @@ class ConetteHandler(BaseHandler):
                 parsed.append(self._parse_request(request, body_type))
             except InputError as error:
                 parsed.append(parsed_request("plain", error=error))
+            except Exception:  # a bug or a decoder crash on this request must not fail the others
+                logger.exception("unexpected error while parsing request %d of the batch", idx)
+                parsed.append(parsed_request("plain", error=server_error()))
             parsed[-1]["request_id"] = parsed[-1]["request_id"] or self.context.get_request_id(idx)
         self._record_stage("decode", time.perf_counter() - started)
         return parsed
@@ -205,7 +215,12 @@ class ConetteHandler(BaseHandler):
         if not isinstance(payloads, list) or not payloads:
             raise InputError("input 'audio' needs a non-empty 'data' list", type="invalid_request")
         self._check_instance_count(len(payloads))
-        parameters = {**(body.get("parameters") or {}), **(audio_input.get("parameters") or {})}
+        parameters = {}
+        for where, extra in (("parameters", body.get("parameters")),
+                             ("audio.parameters", audio_input.get("parameters"))):
+            if not isinstance(extra, (dict, type(None))):
+                raise InputError(f"'{where}' must be an object", type="invalid_request")
+            parameters.update(extra or {})
         return [
             self._make_item(decode_base64(payload, f"audio.data[{n}]"), {**form_options, **parameters},
                             where=f"audio.data[{n}]: ")
@@ -232,13 +247,17 @@ class ConetteHandler(BaseHandler):
             timings: dict = {}
             try:
                 self._caption(valid, timings)
-            except InputError:
-                # The engine rejected something only visible at inference time: find which request, keep the others.
+            except Exception:
+                # Something only visible at inference time failed the batch: find which request, keep the others.
+                logger.warning("batch of %d requests failed; captioning them one by one", len(valid), exc_info=True)
                 for request in valid:
                     try:
                         self._caption([request], timings)
                     except InputError as error:
                         request["error"] = error
+                    except Exception:
+                        logger.exception("request %s failed", request["request_id"])
+                        request["error"] = server_error()
             for stage, seconds in timings.items():
                 self._record_stage(stage, seconds)
         return parsed

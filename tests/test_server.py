@@ -237,6 +237,9 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
         "missing_audio": lambda: ts_server.predict(json={"task": "macs"}),
         "bad_instance": lambda: ts_server.request("POST", "/v1/models/conette:predict", json={"instances": [
             {"audio": {"b64": b64(clips["tone_ogg"])}}, {"audio": {"b64": b64(b"junk" * 50)}}]}),
+        "bad_parameters": lambda: ts_server.request("POST", "/v2/models/conette/infer", json={"inputs": [
+            {"name": "audio", "datatype": "BYTES", "shape": [1], "data": [b64(clips["tone_ogg"])]}],
+            "parameters": ["beam_size", 2]}),
         "too_many_instances": lambda: ts_server.request("POST", "/v2/models/conette/infer", json={"inputs": [
             {"name": "audio", "datatype": "BYTES", "shape": [9], "data": [b64(clips["tone_ogg"])] * 9}]}),
     }
@@ -259,7 +262,8 @@ def test_bad_requests_in_a_mixed_batch(ts_server, clips, expected):
                      "unknown_option": "unknown_option", "invalid_base64": "invalid_base64",
                      "invalid_json": "invalid_request",
                      "empty_audio": "empty_audio", "missing_audio": "missing_audio",
-                     "bad_instance": "undecodable_audio", "too_many_instances": "too_many_instances"}
+                     "bad_instance": "undecodable_audio", "too_many_instances": "too_many_instances",
+                     "bad_parameters": "invalid_request"}
     assert "30" in bad_responses["too_long"].json()["error"]["message"]  # the message states the limit
     assert "instances[1]" in bad_responses["bad_instance"].json()["error"]["message"]
     assert requests_after - requests_before == len(good) + len(bad)
