@@ -169,8 +169,20 @@ class AudioEncoder(nn.Module):
         return frame_embs, clip_probs
 
 
+def rows_linear(x: Tensor, layer_weight: Tensor, layer_bias: Tensor) -> Tensor:
+    """x (N, in) -> (N, out), computed as (W @ x^T)^T.
+
+    A beam-search step has one row per hypothesis; with so few rows MKL streams W much faster this way than
+    as x @ W^T (one clip's beam search: 0.12 s -> 0.08 s on 2 cores). Same sums, other order: ~1e-7 apart.
+    """
+    return torch.addmm(layer_bias[:, None], layer_weight, x.t()).t()
+
+
 class MultiHeadAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (packed in-projection), used with explicit K/V caching."""
+    """nn.MultiheadAttention's parameters (packed in-projection), used with explicit K/V caching.
+
+    The decoder attends from one new position per hypothesis: queries and outputs are rows (N, d_model).
+    """
 
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
@@ -179,29 +191,29 @@ class MultiHeadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        """(N, L, d_model) -> (N, n_heads, L, d_head)"""
-        n, length, d_model = x.shape
-        return x.view(n, length, self.n_heads, d_model // self.n_heads).transpose(1, 2)
+    def _row_heads(self, x: Tensor) -> Tensor:
+        """(N, d_model) -> (N, n_heads, 1, d_head)"""
+        return x.reshape(x.shape[0], self.n_heads, 1, -1)
 
     def project_query(self, x: Tensor) -> Tensor:
         d = x.shape[-1]
-        return self._heads(F.linear(x, self.in_proj_weight[:d], self.in_proj_bias[:d]))
-
-    def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        d = x.shape[-1]
-        k, v = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        return self._row_heads(rows_linear(x, self.in_proj_weight[:d], self.in_proj_bias[:d]))
 
     def project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self._heads(q), self._heads(k), self._heads(v)
+        q, k, v = rows_linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self._row_heads(q), self._row_heads(k), self._row_heads(v)
+
+    def project_key_value(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """memory (B, n_frames, d_model) -> K, V each (B, n_heads, n_frames, d_head)"""
+        b, n, d = memory.shape
+        k, v = F.linear(memory, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        return (k.reshape(b, n, self.n_heads, -1).transpose(1, 2),
+                v.reshape(b, n, self.n_heads, -1).transpose(1, 2))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """q: (N, H, Lq, dh), k/v: (N, H, Lk, dh), mask: bool (N, 1, 1, Lk), True = attend -> (N, Lq, d_model)"""
+        """q: (N, H, 1, dh), k/v: (N, H, Lk, dh), mask: bool (N, 1, 1, Lk), True = attend -> (N, d_model)"""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        n, h, length, dh = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, h * dh))
+        return rows_linear(out.reshape(out.shape[0], -1), self.out_proj.weight, self.out_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -219,13 +231,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cache: "KVCache", layer: int, memory_kv: tuple[Tensor, Tensor],
                 memory_mask: Tensor | None) -> Tensor:
-        """x: (N, 1, d_model) for the newest position -> (N, 1, d_model); appends this step's K/V to `cache`."""
+        """x: (N, d_model) for the newest position -> (N, d_model); appends this step's K/V to `cache`."""
         q, k, v = self.self_attn.project_self(x)
         k, v = cache.append(layer, k, v)
         x = self.norm1(x + self.self_attn.attend(q, k, v))
         q = self.multihead_attn.project_query(x)
         x = self.norm2(x + self.multihead_attn.attend(q, *memory_kv, mask=memory_mask))
-        return self.norm3(x + self.linear2(F.gelu(self.linear1(x))))
+        hidden = F.gelu(rows_linear(x, self.linear1.weight, self.linear1.bias))
+        return self.norm3(x + rows_linear(hidden, self.linear2.weight, self.linear2.bias))
 
 
 class KVCache:
@@ -270,10 +283,10 @@ class TextDecoder(nn.Module):
         memory_kv / memory_mask rows are already aligned with the N hypotheses.
         """
         d_model = self.emb_layer.embedding_dim
-        x = self.emb_layer(tokens)[:, None] * math.sqrt(d_model) + self.pos_encoding.pos_embedding[position]
+        x = self.emb_layer(tokens) * math.sqrt(d_model) + self.pos_encoding.pos_embedding[position]
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, memory_kv[i], memory_mask)
-        return self.classifier(x[:, 0])
+        return rows_linear(x, self.classifier.weight, self.classifier.bias)
 
 
 class CoNeTTE(nn.Module):
