@@ -102,6 +102,7 @@ test: install
 
 # Latency at concurrency 1 and throughput at concurrency 8, the running server vs the in-process engine.
 bench: serve
+	$(PYTHON) scripts/bench_model.py --checkpoint $(CHECKPOINT)
 	$(PYTHON) scripts/bench_server.py --checkpoint $(CHECKPOINT)
 
 FORCE:

@@ -177,7 +177,10 @@ class TorchServeInstance:
         if self.keys or self.overrides.get("disable_token_authorization") == "true":
             return
         if self.key_file.is_file():
-            keys = json.loads(self.key_file.read_text())
+            try:
+                keys = json.loads(self.key_file.read_text())
+            except json.JSONDecodeError:
+                return  # TorchServe is still writing it: read again on the next poll
             self.keys = {name: entry["key"] for name, entry in keys.items()}
 
     def request(self, method: str, path: str, api: str = "inference", token: str | None = "default",
