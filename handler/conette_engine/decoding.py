@@ -151,9 +151,12 @@ def beam_search(
     seen = torch.zeros(len(row_item), vocab_size, dtype=torch.bool, device=device)
     seen[torch.arange(len(row_item), device=device), tokens] = True
 
-    memory_kv_items = decoder.memory_key_values(memory)
+    # Cross-attention keys/values once per item, then one row per hypothesis: a hypothesis never changes item,
+    # so these rows only shrink when hypotheses finish.
+    memory_kv = [(k.index_select(0, row_item), v.index_select(0, row_item))
+                 for k, v in decoder.memory_key_values(memory)]
     frame_valid = torch.arange(n_frames, device=device)[None, :] < memory_lengths[:, None]
-    padded = not bool(frame_valid.all())
+    memory_mask = frame_valid.index_select(0, row_item)[:, None, None, :] if not bool(frame_valid.all()) else None
     cache = KVCache(len(decoder.layers))
 
     out_tokens: list[list[list[int] | None]] = [[None] * k for k in beam_sizes]
@@ -162,8 +165,6 @@ def beam_search(
 
     step = 0
     while len(row_item) > 0:
-        memory_kv = [(k.index_select(0, row_item), v.index_select(0, row_item)) for k, v in memory_kv_items]
-        memory_mask = frame_valid.index_select(0, row_item)[:, None, None, :] if padded else None
         logits = decoder.step(tokens, step, cache, memory_kv, memory_mask)
 
         ban_eos = (step < min_pred_t)[row_item]
@@ -208,6 +209,8 @@ def beam_search(
             tokens, sum_lprobs = tokens[unfinished], sum_lprobs[unfinished]
             history, seen = history[unfinished], seen[unfinished]
             cache.select(unfinished)
+            memory_kv = [(k.index_select(0, unfinished), v.index_select(0, unfinished)) for k, v in memory_kv]
+            memory_mask = memory_mask.index_select(0, unfinished) if memory_mask is not None else None
         step += 1
 
     return [BeamResult(tokens=toks, scores=scores) for toks, scores in zip(out_tokens, out_scores)]
