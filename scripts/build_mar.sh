@@ -61,7 +61,8 @@ mkdir -p "$export_dir"
 if [ "$archive_format" = no-archive ]; then
     rm -rf "${export_dir:?}/$model_name"  # the previous directory: the archiver does not replace it
 fi
-"$archiver" \
+# The archiver stages its files in $TMPDIR/<model name>: a private TMPDIR keeps concurrent builds apart.
+TMPDIR="$staging" "$archiver" \
     --model-name "$model_name" \
     --version "$model_version" \
     --handler "$repo_root/handler/conette_handler.py" \
