@@ -150,8 +150,8 @@ def main() -> None:
                     paths[name].append(path)
             reference = reference_times(args, paths, args.checkpoint.resolve(), work)
 
-    header = (f"| workload | decode | resample | log-mel | encoder | beam search | total | clips/s | "
-              f"encoder GFLOP/s (% of matmul) | rest / encoder |" + (" reference total | speed-up |" if reference else ""))
+    header = ("| workload | decode | resample | log-mel | encoder | beam search | total | clips/s | "
+              "encoder GFLOP/s (% of matmul) | rest / encoder |" + (" reference total | speed-up |" if reference else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, wavs in workloads.items():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import golden_data
-from conette_engine import audio as audio_io
 from conette_engine.decoding import DecodingOptions
 from conette_engine.engine import CaptioningEngine
 

@@ -1,7 +1,6 @@
 """CaptioningEngine: the one entry point of the package (loading, audio in, captions and tags out)."""
 
 import csv
-import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,7 +17,6 @@ from .decoding import BeamResult, DecodingOptions, beam_search
 from .errors import CheckpointError, OptionError
 from .model import CoNeTTE, ModelDimensions
 
-log = logging.getLogger(__name__)
 
 ENGINE_VERSION = "1.0.0"
 
