@@ -168,3 +168,9 @@ def test_result_dict_is_sorted_best_first(engine):
     tag_scores = [t["score"] for t in data["tags"]]
     assert tag_scores == sorted(tag_scores, reverse=True) and all(s >= 0.5 for s in tag_scores)
     assert data["audio"] == {"duration_s": pytest.approx(5.0, abs=0.01), "sample_rate": 44100, "channels": 2}
+
+
+def test_caption_takes_only_validated_audio(engine):
+    """Raw tensors must go through load_audio (length, finiteness, rate checks) before the encoder."""
+    with pytest.raises(TypeError, match="load_audio"):
+        engine.caption([torch.zeros(32_000)])
