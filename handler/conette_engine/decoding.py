@@ -172,20 +172,20 @@ def beam_search(
         logits = logits.masked_fill(seen & forbid_masks[row_item], -math.inf)
 
         # Scatter rows into a padded (items, max_beam, vocab) grid; the first step expands slot 0 only.
-        item_ids, row_pos = _positions_within_items(row_item, n_items)
+        active_per_item = torch.bincount(row_item, minlength=n_items)
+        item_offset = torch.cumsum(active_per_item, 0) - active_per_item
+        row_pos = torch.arange(len(row_item), device=device) - item_offset[row_item]
         candidates = torch.full((n_items, max_beam, vocab_size), -math.inf, device=device)
         lprobs = torch.log_softmax(logits, dim=1)
         if step == 0:
             first = row_pos == 0
-            candidates[item_ids[first], 0] = lprobs[first]
+            candidates[row_item[first], 0] = lprobs[first]
         else:
-            candidates[item_ids, row_pos] = sum_lprobs[:, None] + lprobs
+            candidates[row_item, row_pos] = sum_lprobs[:, None] + lprobs
         top_values, top_flat = torch.topk(candidates.view(n_items, -1), max_beam, dim=1)
 
         # Item j keeps its first k_j = (number of active rows of j) candidates, in its active slots.
-        active_per_item = torch.bincount(row_item, minlength=n_items)
         keep = torch.arange(max_beam, device=device)[None, :] < active_per_item[:, None]
-        item_offset = torch.cumsum(active_per_item, 0) - active_per_item
         parent_local = torch.div(top_flat, vocab_size, rounding_mode="trunc")
         parents = (item_offset[:, None] + parent_local)[keep]
         new_tokens = (top_flat % vocab_size)[keep]
@@ -215,9 +215,3 @@ def beam_search(
 
     return [BeamResult(tokens=toks, scores=scores) for toks, scores in zip(out_tokens, out_scores)]
 
-
-def _positions_within_items(row_item: Tensor, n_items: int) -> tuple[Tensor, Tensor]:
-    """row_item (N,) sorted item ids -> (item id, index of the row within its item) per row."""
-    counts = torch.bincount(row_item, minlength=n_items)
-    starts = torch.cumsum(counts, 0) - counts
-    return row_item, torch.arange(len(row_item), device=row_item.device) - starts[row_item]

@@ -98,10 +98,6 @@ class Vocabulary:
         return {token: i for i, token in enumerate(self.tokens)}
 
     @property
-    def pad_id(self) -> int:
-        return self.token_to_id[PAD_TOKEN]
-
-    @property
     def eos_id(self) -> int:
         return self.token_to_id[EOS_TOKEN]
 
