@@ -8,9 +8,13 @@ from conette_engine.decoding import DecodingOptions
 from conette_engine.engine import CaptioningEngine
 
 DECODING_ARGS = ("beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode")
+# Float tolerances: the resampler's convolution rounds differently on other CPUs (AVX-512 vs AVX2: ~6e-8 on the
+# waveform), and a clip upsampled from 16 kHz has near-silent mel bands above its source's Nyquist frequency,
+# where log10 magnifies those last bits (up to 0.07 dB on -95 dB bins, 5e-5 on tag probabilities). Tokens,
+# captions and tag sets must still match exactly.
 SCORE_ATOL = 1e-4
-PROB_ATOL = 1e-5
-FEATURE_RTOL = 1e-4
+PROB_ATOL = 1e-4
+FEATURE_RTOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_audio_to_captions_and_tags_match_reference(engine, case_id):
     stride = golden_data.goldens()["logmel_frame_stride"]
     torch.testing.assert_close(log_mel[:, :, ::stride], golden["logmel_strided"], rtol=FEATURE_RTOL, atol=1e-4)
     frame_embs, _ = engine.model.encoder(log_mel)
-    torch.testing.assert_close(frame_embs, golden["frame_embs"], rtol=FEATURE_RTOL, atol=1e-5)
+    torch.testing.assert_close(frame_embs, golden["frame_embs"], rtol=FEATURE_RTOL, atol=1e-3)
 
 
 @pytest.mark.parametrize("case_id", sorted(golden_data.cases()))

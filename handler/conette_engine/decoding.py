@@ -14,7 +14,8 @@ items (item-major, slot order), and per-item top-k runs on a padded (items, max_
 """
 
 import math
-from dataclasses import dataclass, fields, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import torch
@@ -26,41 +27,53 @@ from .model import KVCache, TextDecoder
 FORBID_REP_MODES = ("none", "content_words", "all")
 MAX_BEAM_SIZE = 16
 MAX_PRED_SIZE_LIMIT = 100
+# Longest text a numeric option may be: bounds int()/float() work and refuses digit strings Python cannot convert.
+MAX_NUMBER_TEXT = 32
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def option(default, help: str, *, low=None, high=None, choices=None):
+    """A client option: its default, one line of help, and its accepted range or choices.
+
+    Values parse as the type of `low` (int or float), else as one of `choices` (None: the checkpoint's tasks).
+    The handler, the caption CLI and the docs take option names and ranges from here.
+    """
+    kind = type(low) if low is not None else str
+    return field(default=default, metadata={"help": help, "kind": kind, "low": low, "high": high, "choices": choices})
 
 
 @dataclass(frozen=True)
 class DecodingOptions:
     """Per-item options. `forbid_rep_mode=None` uses the checkpoint's own repetition mask (content words)."""
 
-    task: str | None = None
-    beam_size: int = 3
-    min_pred_size: int = 3
-    max_pred_size: int = 20
-    forbid_rep_mode: str | None = None
-    threshold: float | tuple[float, ...] = 0.3
+    task: str | None = option(None, "task token the caption is written for (dataset style)")
+    beam_size: int = option(3, "beam width", low=1, high=MAX_BEAM_SIZE)
+    min_pred_size: int = option(3, "minimum caption length in tokens", low=0, high=MAX_PRED_SIZE_LIMIT)
+    max_pred_size: int = option(20, "maximum caption length in tokens", low=1, high=MAX_PRED_SIZE_LIMIT)
+    forbid_rep_mode: str | None = option(None, "which tokens may not repeat", choices=FORBID_REP_MODES)
+    threshold: float | tuple[float, ...] = option(0.3, "AudioSet tag probability threshold", low=0.0, high=1.0)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any], tasks: list[str], defaults: "DecodingOptions | None" = None
               ) -> "DecodingOptions":
         """Validate client-supplied options (str, bytes or JSON numbers); raises OptionError."""
         defaults = defaults or cls(task=tasks[0])
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        specs = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(specs))
         if unknown:
-            raise OptionError(f"unknown option(s) {unknown}; accepted: {sorted(known)}", "unknown_option")
+            raise OptionError(f"unknown option(s) {unknown}; accepted: {sorted(specs)}", "unknown_option")
         parsed = {}
         for name, raw in values.items():
             value = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
-            if name == "task":
-                parsed[name] = _parse_choice(name, value, tasks)
-            elif name == "forbid_rep_mode":
-                parsed[name] = _parse_choice(name, value, FORBID_REP_MODES)
-            elif name == "threshold":
-                parsed[name] = _parse_float(name, value, 0.0, 1.0)
-            elif name == "beam_size":
-                parsed[name] = _parse_int(name, value, 1, MAX_BEAM_SIZE)
+            spec = specs[name]
+            kind = spec.metadata["kind"]
+            if kind is str:
+                parsed[name] = _parse_choice(name, value, spec.metadata["choices"] or tasks)
+            elif kind is int:
+                parsed[name] = _parse_int(name, value, spec.metadata["low"], spec.metadata["high"])
             else:
-                parsed[name] = _parse_int(name, value, 0 if name == "min_pred_size" else 1, MAX_PRED_SIZE_LIMIT)
+                parsed[name] = _parse_float(name, value, spec.metadata["low"], spec.metadata["high"])
         options = replace(defaults, **parsed)
         if options.min_pred_size > options.max_pred_size:
             raise OptionError(
@@ -70,38 +83,54 @@ class DecodingOptions:
         return options
 
 
+OPTION_NAMES = tuple(f.name for f in fields(DecodingOptions))
+
+
+def describe_option(name: str) -> str:
+    """The accepted values of an option, as error messages and the docs state them."""
+    spec = next(f for f in fields(DecodingOptions) if f.name == name)
+    meta = spec.metadata
+    if meta["kind"] is str:
+        return f"one of {list(meta['choices'])}" if meta["choices"] else "one of the checkpoint's tasks"
+    what = "an integer" if meta["kind"] is int else "a number"
+    return f"{what} in [{meta['low']}, {meta['high']}]"
+
+
 def _parse_choice(name: str, value: Any, choices) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise OptionError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise OptionError(f"{name} must be one of {list(choices)}, got {_shown(value)}")
     return value
 
 
 def _parse_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int):
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, str) and len(value.strip()) <= MAX_NUMBER_TEXT and _INTEGER_TEXT.fullmatch(value.strip()):
         number = int(value.strip())
-    else:
-        number = None
     if number is None or not low <= number <= high:
-        raise OptionError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise OptionError(f"{name} must be an integer in [{low}, {high}], got {_shown(value)}")
     return number
 
 
 def _parse_float(name: str, value: Any, low: float, high: float) -> float:
     number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
-        except ValueError:
-            number = None
+        elif isinstance(value, str) and len(value.strip()) <= MAX_NUMBER_TEXT and _DECIMAL_TEXT.fullmatch(value.strip()):
+            number = float(value.strip())
+    except OverflowError:  # an int too large for a float (a JSON number of hundreds of digits)
+        number = None
     if number is None or not math.isfinite(number) or not low <= number <= high:
-        raise OptionError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        raise OptionError(f"{name} must be a number in [{low}, {high}], got {_shown(value)}")
     return number
+
+
+def _shown(value: Any) -> str:
+    """repr of a client value, cut short: error messages must not echo megabytes (or 5000-digit numbers)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**MAX_NUMBER_TEXT else "a huge integer"
+    return text if len(text) <= 2 * MAX_NUMBER_TEXT else text[: 2 * MAX_NUMBER_TEXT] + "..."
 
 
 @dataclass
