@@ -9,19 +9,27 @@ config.properties that matches the paths the Dockerfile sets up.
 
 from __future__ import annotations
 
+import argparse
+import base64
+import importlib.util
 import json
+import os
 import re
 import shlex
-import argparse
-import importlib.util
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import requests
 import yaml
+from audio_factory import make_audio
+from conftest import VENV_BIN, TorchServeInstance, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "kubernetes"
@@ -457,12 +465,192 @@ def test_readiness_probe_passes_only_for_a_model_with_a_ready_worker(ts_server):
 
 
 def test_drain_sees_the_worker_process_of_a_real_torchserve(ts_server):
-    spec = importlib.util.spec_from_file_location("torchserve_pod", PROBE_SOURCE)
-    pod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pod)
+    pod = load_pod_module()
     ts_server.wait_for_workers(1)
     args = argparse.Namespace(model=MODEL_NAME, management_url=ts_server.management_url, key_file=ts_server.key_file)
     versions = pod.describe_model(args)
     assert pod.pending_requests(versions) == 0
     # The worker loaded a model, so it has used CPU time: the pid TorchServe reports is readable in /proc.
     assert pod.worker_cpu_ticks(versions) > 0
+
+
+def load_pod_module():
+    spec = importlib.util.spec_from_file_location("torchserve_pod", PROBE_SOURCE)
+    pod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pod)
+    return pod
+
+
+class EntryPoint:
+    """`torchserve_pod.py serve -- torchserve ...` as the image runs it, around a test TorchServe config."""
+
+    def __init__(self, workdir: Path, model_store: Path, serve_args: tuple = (), env: dict | None = None,
+                 overrides: dict | None = None):
+        self.server = TorchServeInstance(workdir=workdir, model_store=model_store, overrides=overrides or {})
+        self.server.temp_dir.mkdir(parents=True, exist_ok=True)
+        (workdir / "no-workflows").mkdir(exist_ok=True)
+        config = self.server.write_config()
+        self.log = workdir / "entry-point.out"
+        self.process = subprocess.Popen(
+            [sys.executable, str(PROBE_SOURCE), "serve", *serve_args, "--management-url", self.server.management_url,
+             "--upstream-url", self.server.inference_url, "--", str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
+            cwd=workdir, env={**self.server.env, **(env or {})}, stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.server.process = self.process  # wait_for_workers fails fast if the entry point exits
+        try:
+            self.server.wait_for_workers(1, timeout=240)
+        except BaseException:
+            self.kill()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.server.process = None
+        self.server.stop()  # the TorchServe session is a separate process group: stop it too
+
+    def terminate_and_wait(self, timeout: float) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the entry point did not exit within {timeout} s:\n{self.output()[-3000:]}")
+
+
+def concurrent_requests(count: int, send) -> tuple[list, threading.Thread]:
+    """Start `count` calls of send() in parallel; returns the (response, finished monotonic time) list that
+    fills as they complete, and the thread that joins them."""
+    results = []
+
+    def one():
+        try:
+            response = send()
+        except requests.RequestException as error:
+            response = error
+        results.append((response, time.monotonic()))
+
+    workers = [threading.Thread(target=one) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    joiner = threading.Thread(target=lambda: [worker.join() for worker in workers])
+    joiner.start()
+    return results, joiner
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> bytes:
+    return make_audio(tmp_path_factory.mktemp("clip"), "flac", seconds=30.0).read_bytes()
+
+
+def test_sigterm_drains_every_request_in_flight(tmp_path, model_store_dir, long_clip):
+    # What `docker stop` / `podman stop` / the kubelet do: SIGTERM to the container's main process.
+    entry = EntryPoint(tmp_path, model_store_dir)
+    try:
+        server = entry.server
+        sent = 12  # more than one batch (batchSize 8): some wait in the queue when SIGTERM arrives
+        results, joiner = concurrent_requests(sent, lambda: server.request(
+            "POST", "/conette/predict", data=long_clip, headers={"Content-Type": "audio/flac"}, timeout=300))
+        deadline = time.monotonic() + 60
+        while not busy(server):
+            assert time.monotonic() < deadline, "the requests never reached the worker"
+            time.sleep(0.1)
+        signalled = time.monotonic()
+        status = entry.terminate_and_wait(timeout=240)
+        joiner.join(timeout=60)
+    finally:
+        entry.kill()
+    output = entry.output()
+    codes = [getattr(response, "status_code", repr(response)) for response, _ in results]
+    assert codes == [200] * sent, output[-3000:]
+    in_flight = [finished for _, finished in results if finished > signalled]
+    assert in_flight, "no request was in flight at SIGTERM: the test proves nothing"
+    assert status == 0, output[-3000:]
+    assert "(drained)" in output and "drain budget exhausted" not in output
+    assert not server.own_processes(), "TorchServe processes left after the entry point exited"
+
+
+def busy(server: TorchServeInstance) -> bool:
+    """Requests queued or a batch running (TorchServe counts queued requests only; a running batch shows as
+    a worker using CPU, which is what the drain watches too)."""
+    response = server.request("GET", f"/models/{server.model_name}", api="management")
+    return response.ok and response.json()[0]["jobQueueStatus"]["pendingRequests"] > 0
+
+
+def test_drain_stops_at_the_termination_grace_period(tmp_path, model_store_dir, long_clip):
+    # A grace period just above the stop margin leaves no time to drain: the entry point must give up and
+    # stop TorchServe itself (saying so) instead of being killed in the middle of the drain.
+    pod = load_pod_module()
+    grace = pod.STOP_MARGIN_S + 1
+    entry = EntryPoint(tmp_path, model_store_dir, env={"CONETTE_TERMINATION_GRACE_S": str(grace)})
+    try:
+        server = entry.server
+        results, joiner = concurrent_requests(12, lambda: server.request(
+            "POST", "/conette/predict", data=long_clip, headers={"Content-Type": "audio/flac"}, timeout=300))
+        deadline = time.monotonic() + 60
+        while not busy(server):
+            assert time.monotonic() < deadline, "the requests never reached the worker"
+            time.sleep(0.1)
+        signalled = time.monotonic()
+        entry.terminate_and_wait(timeout=grace + 30)
+        stopped_after = time.monotonic() - signalled
+        joiner.join(timeout=120)
+    finally:
+        entry.kill()
+    output = entry.output()
+    assert "drain budget exhausted" in output, output[-3000:]
+    assert stopped_after < grace, f"stopped {stopped_after:.1f} s after SIGTERM, past the {grace} s grace period"
+
+
+def test_kserve_front_answers_health_routes_and_forwards_inference(tmp_path, model_store_dir, long_clip):
+    front_port = free_ports({"front": 18090})["front"]
+    entry = EntryPoint(tmp_path, model_store_dir, overrides={"disable_token_authorization": "true"},
+                       serve_args=("--kserve-port", str(front_port), "--endpoint-grace-s", "3"))
+    try:
+        front = f"http://127.0.0.1:{front_port}"
+        server = entry.server
+        expected = {
+            "/v2/health/live": (200, {"live": True}),
+            "/v2/health/ready": (200, {"ready": True}),
+            f"/v2/models/{MODEL_NAME}/ready": (200, {"name": MODEL_NAME, "ready": True}),
+            f"/v1/models/{MODEL_NAME}": (200, {"name": MODEL_NAME, "ready": True}),
+            "/v1/models": (200, {"models": [MODEL_NAME]}),
+        }
+        for path, (code, body) in expected.items():
+            response = requests.get(front + path, timeout=10)
+            assert (response.status_code, response.json()) == (code, body), path
+        for path in ("/v2/models/other/ready", "/v1/models/other"):
+            response = requests.get(front + path, timeout=10)
+            assert response.status_code == 404 and response.json()["error"]["type"] == "ModelNotFound"
+        # TorchServe itself has none of these routes: the front is what makes them answer.
+        assert server.request("GET", "/v2/health/ready").status_code == 404
+        # Inference is TorchServe's, unchanged, in both KServe protocols; concurrent requests still batch.
+        audio = base64.b64encode(long_clip).decode()
+        v1 = requests.post(f"{front}/v1/models/{MODEL_NAME}:predict", json={"instances": [{"audio": {"b64": audio}}]},
+                           timeout=120)
+        assert v1.status_code == 200, v1.text
+        assert v1.json()["predictions"][0]["caption"]
+        v2_body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1], "data": [audio]}]}
+        results, joiner = concurrent_requests(6, lambda: requests.post(
+            f"{front}/v2/models/{MODEL_NAME}/infer", json=v2_body, timeout=300))
+        joiner.join(timeout=300)
+        assert [getattr(r, "status_code", repr(r)) for r, _ in results] == [200] * 6
+        assert all(r.json()["outputs"] for r, _ in results)
+        bad = requests.post(f"{front}/v2/models/{MODEL_NAME}/infer", json={"inputs": "nope"}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["type"], bad.text
+        sizes = {m.group(1): float(m.group(2)) for m in re.finditer(r"^BatchSize_(sum|count)\{.*\} (\S+)$",
+                                                                     server.metrics_text(), re.M)}
+        assert sizes["sum"] > sizes["count"], f"no batch held more than one request: {sizes}"
+        # SIGTERM: still serving during the endpoint grace, but no longer ready (KServe and load balancers
+        # stop sending), then drained and stopped.
+        entry.process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert requests.get(front + "/v2/health/ready", timeout=10).status_code == 503
+        assert requests.get(front + "/v2/health/live", timeout=10).status_code == 200
+        assert entry.process.wait(timeout=120) == 0, entry.output()[-3000:]
+    finally:
+        entry.kill()
