@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -153,11 +152,20 @@ class KServeFront(http.server.BaseHTTPRequestHandler):
     def ready(self) -> bool:
         return not self.server.stopping.is_set() and count_ready_workers(self.server.args)[0] > 0
 
+    def torchserve_alive(self) -> bool:
+        """TorchServe's /ping: Healthy while the frontend runs and its workers are not failing for good."""
+        try:
+            with urllib.request.urlopen(f"{self.server.args.upstream_url}/ping", timeout=5) as response:
+                return json.load(response).get("status") == "Healthy"
+        except (OSError, ValueError):
+            return False
+
     def health(self) -> bool:
         path = urllib.parse.urlsplit(self.path).path.rstrip("/")
         model = self.server.args.model
         if path == "/v2/health/live":
-            self.send_json(200, {"live": True})
+            live = self.torchserve_alive()
+            self.send_json(200 if live else 503, {"live": live})
         elif path == "/v2/health/ready":
             ready = self.ready()
             self.send_json(200 if ready else 503, {"ready": ready})
