@@ -757,12 +757,7 @@ def test_sigterm_drains_every_request_in_flight(tmp_path, model_store_dir, long_
     try:
         server = entry.server
         sent = 12  # more than one batch (batchSize 8): some wait in the queue when SIGTERM arrives
-        results, joiner = concurrent_requests(sent, lambda: server.request(
-            "POST", "/conette/predict", data=long_clip, headers={"Content-Type": "audio/flac"}, timeout=300))
-        deadline = time.monotonic() + 60
-        while not busy(server):
-            assert time.monotonic() < deadline, "the requests never reached the worker"
-            time.sleep(0.1)
+        results, joiner = send_until_queued(server, long_clip, sent)
         signalled = time.monotonic()
         status = entry.terminate_and_wait(timeout=240)
         joiner.join(timeout=60)
@@ -778,11 +773,18 @@ def test_sigterm_drains_every_request_in_flight(tmp_path, model_store_dir, long_
     assert not server.own_processes(), "TorchServe processes left after the entry point exited"
 
 
-def busy(server: TorchServeInstance) -> bool:
-    """Requests queued or a batch running (TorchServe counts queued requests only; a running batch shows as
-    a worker using CPU, which is what the drain watches too)."""
-    response = server.request("GET", f"/models/{server.model_name}", api="management")
-    return response.ok and response.json()[0]["jobQueueStatus"]["pendingRequests"] > 0
+def send_until_queued(server: TorchServeInstance, clip: bytes, count: int) -> tuple[list, threading.Thread]:
+    """Send `count` caption requests at once and return when TorchServe has some of them queued (the others
+    are in the batch the worker runs): from then on, all of them are in flight."""
+    results, joiner = concurrent_requests(count, lambda: server.request(
+        "POST", "/conette/predict", data=clip, headers={"Content-Type": "audio/flac"}, timeout=300))
+    deadline = time.monotonic() + 60
+    while True:
+        response = server.request("GET", f"/models/{server.model_name}", api="management")
+        if response.ok and response.json()[0]["jobQueueStatus"]["pendingRequests"] > 0:
+            return results, joiner
+        assert time.monotonic() < deadline, "the requests never reached the queue"
+        time.sleep(0.1)
 
 
 def test_drain_stops_at_the_termination_grace_period(tmp_path, model_store_dir, long_clip):
@@ -793,12 +795,7 @@ def test_drain_stops_at_the_termination_grace_period(tmp_path, model_store_dir, 
     entry = EntryPoint(tmp_path, model_store_dir, env={"CONETTE_TERMINATION_GRACE_S": str(grace)})
     try:
         server = entry.server
-        results, joiner = concurrent_requests(12, lambda: server.request(
-            "POST", "/conette/predict", data=long_clip, headers={"Content-Type": "audio/flac"}, timeout=300))
-        deadline = time.monotonic() + 60
-        while not busy(server):
-            assert time.monotonic() < deadline, "the requests never reached the worker"
-            time.sleep(0.1)
+        results, joiner = send_until_queued(server, long_clip, 12)
         signalled = time.monotonic()
         entry.terminate_and_wait(timeout=grace + 30)
         stopped_after = time.monotonic() - signalled

@@ -108,7 +108,8 @@ def drain(args: argparse.Namespace, deadline: float) -> bool:
             return False
         try:
             versions = describe_model(args)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError) as error:
+            print(f"management API not answering ({error}): nothing to drain", flush=True)
             return True
         pending, ticks = pending_requests(versions), worker_cpu_ticks(versions)
         idle_polls = idle_polls + 1 if pending == 0 and ticks == previous_ticks else 0
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="conette")
-    common.add_argument("--management-url", default="http://127.0.0.1:8081")
+    # TorchServe's own TS_* overrides (enable_envvars_config) move the APIs; follow them.
+    common.add_argument("--management-url", default=os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"))
     common.add_argument("--key-file", type=Path, default=Path("key_file.json"))
     commands = parser.add_subparsers(dest="command", required=True)
     ready = commands.add_parser("ready", parents=[common], help="exit 0 iff the model has a READY worker")
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="the container's termination grace period; unset: drain until idle "
                             "(env CONETTE_TERMINATION_GRACE_S)")
     serve.add_argument("--kserve-port", type=int, default=0, help="answer KServe health routes on this port")
-    serve.add_argument("--upstream-url", default="http://127.0.0.1:8085", help="TorchServe's inference API")
+    serve.add_argument("--upstream-url", default=os.environ.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8085"),
+                       help="TorchServe's inference API, where the KServe port forwards to")
     serve.add_argument("--upstream-timeout-s", type=float, default=600.0)
     serve.add_argument("torchserve", nargs=argparse.REMAINDER, help="-- then the TorchServe command line")
     serve.set_defaults(run=cmd_serve)
