@@ -247,8 +247,8 @@ def adapter_metric_names() -> set[str]:
 
 def declared_metrics() -> set[str]:
     declared = yaml.safe_load((REPO / "metrics.yaml").read_text())
-    return {metric["name"] for section in ("ts_metrics", "model_metrics") for group in declared.get(section, {}).values()
-            for metric in group}
+    return {metric["name"] for section in ("ts_metrics", "model_metrics")
+            for group in declared.get(section, {}).values() for metric in group}
 
 
 def check_ingress(docs: list[dict]) -> None:
@@ -581,7 +581,8 @@ def test_kserve_examples_parse_and_use_the_storage_layout(kserve_docs, dockerfil
     torchserve = args[args.index("--") + 1:]
     assert torchserve[:3] == ["torchserve", "--foreground", "--ncs"]
     # The image's own config (no copy to drift), with the model store from KServe's storage initializer.
-    assert torchserve[torchserve.index("--ts-config") + 1] == dockerfile["cmd"][dockerfile["cmd"].index("--ts-config") + 1]
+    image_config = dockerfile["cmd"][dockerfile["cmd"].index("--ts-config") + 1]
+    assert torchserve[torchserve.index("--ts-config") + 1] == image_config
     assert torchserve[torchserve.index("--model-store") + 1] == "/mnt/models/model-store"
     assert all(port["containerPort"] != MANAGEMENT_PORT for port in container["ports"])
     services = objects(docs, "InferenceService")
@@ -697,7 +698,8 @@ class EntryPoint:
         self.log = workdir / "entry-point.out"
         self.process = subprocess.Popen(
             [sys.executable, str(PROBE_SOURCE), "serve", *serve_args, "--management-url", self.server.management_url,
-             "--upstream-url", self.server.inference_url, "--", str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
+             "--upstream-url", self.server.inference_url,
+             "--", str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
             cwd=workdir, env={**self.server.env, **(env or {})}, stdout=open(self.log, "wb"),
             stderr=subprocess.STDOUT, start_new_session=True)
         self.server.process = self.process  # wait_for_workers fails fast if the entry point exits

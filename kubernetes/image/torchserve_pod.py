@@ -100,11 +100,11 @@ def worker_cpu_ticks(versions: list) -> int:
 
 def drain(args: argparse.Namespace, deadline: float) -> bool:
     """Wait until nothing is queued and no worker used CPU across two consecutive polls, or until the
-    deadline. True when drained (or the management API is gone: nothing left to drain)."""
-    previous_ticks, idle_polls, pending = None, 0, 0
+    deadline. True when drained (or when the management API does not answer: TorchServe is gone)."""
+    previous_ticks, idle_polls, pending, reported = None, 0, 0, None
     while idle_polls < 2:
         if time.monotonic() >= deadline:
-            print(f"drain budget exhausted: {pending} request(s) still queued are dropped", flush=True)
+            print(f"drain budget exhausted: the running batch and {pending} queued request(s) are dropped", flush=True)
             return False
         try:
             versions = describe_model(args)
@@ -114,7 +114,9 @@ def drain(args: argparse.Namespace, deadline: float) -> bool:
         pending, ticks = pending_requests(versions), worker_cpu_ticks(versions)
         idle_polls = idle_polls + 1 if pending == 0 and ticks == previous_ticks else 0
         previous_ticks = ticks
-        print(f"draining: pending requests {pending}, worker CPU ticks {ticks}, idle polls {idle_polls}", flush=True)
+        if pending != reported:  # one line per change, not one per poll over a drain of many minutes
+            print(f"draining: {pending} request(s) queued", flush=True)
+            reported = pending
         time.sleep(POLL_S)
     return True
 
