@@ -1,6 +1,6 @@
 """The reference's golden outputs and the dev checkpoint, as committed under tests/fixtures/golden/.
 
-Made by scripts/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format).
+Made by tools/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format).
 """
 
 import io

@@ -1,4 +1,4 @@
-"""scripts/caption.py, the batch captioning client.
+"""conette-caption (conette_client.caption), the batch captioning client.
 
 Client behaviour that a healthy server never shows (retries on 503/507, dropped connections, refused
 tokens, bounded concurrency) is tested against an in-thread HTTP server whose answers the test
@@ -23,17 +23,18 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from audio_factory import make_audio
-from hub_standin import unused_local_port
+from conette_client.files import unused_local_port
+from conette_engine.decoding import OPTION_NAMES
+from conftest import checkout_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CAPTION_SCRIPT = REPO_ROOT / "scripts" / "caption.py"
+CAPTION = [sys.executable, "-m", "conette_client.caption"]
 DROP = "drop"  # a scripted answer: close the connection without answering
 
 
 def run_caption(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(CAPTION_SCRIPT), "--no-progress", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        [*CAPTION, "--no-progress", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env=checkout_env(),
     )
 
 
@@ -57,7 +58,7 @@ class ScriptedServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         self._thread.start()
         return self
 
@@ -115,7 +116,10 @@ def caption_payload(body: bytes, task: str = "clotho") -> dict:
     }
 
 
-BUSY = (503, {"code": 503, "type": "ServiceUnavailableException", "message": "Model conette has no worker to serve inference request."})
+BUSY = (503, {"code": 503, "type": "ServiceUnavailableException",
+              "message": "Model conette has no worker to serve inference request."})
+# What TorchServe's frontend answers when the worker running a request dies (as 500 or as 507).
+WORKER_DIED = {"code": 500, "type": "InternalServerException", "message": "Worker died."}
 
 
 @pytest.fixture
@@ -143,6 +147,37 @@ def test_503_and_507_are_retried_with_backoff(two_files):
     assert len(server.requests) == 3
     assert result.stdout.strip() == f"{two_files[0]} [clotho] a sound of {two_files[0].stat().st_size} bytes"
     assert "1 files, 1 captioned, 0 failed, 0.5000 audio hours" in result.stderr
+
+
+@pytest.mark.parametrize("status, payload", [
+    (500, WORKER_DIED),
+    (507, {**WORKER_DIED, "code": 507}),
+    (502, {"message": "Bad Gateway"}),
+    (504, {"message": "Gateway Timeout"}),
+], ids=["500-worker-died", "507-worker-died", "502", "504"])
+def test_server_side_failures_worth_another_try_are_retried(two_files, status, payload):
+    with ScriptedServer(lambda n, request: (status, payload) if n == 0 else (200, caption_payload(request["body"]))
+                        ) as server:
+        result = run_caption("--audio", str(two_files[0]), "--url", server.url, "--backoff", "0.01")
+    assert result.returncode == 0, result.stderr
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status, payload", [
+    (400, {"error": {"type": "option_out_of_range", "message": "beam_size must be an integer in [1, 16]"}}),
+    (404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: conette"}),
+    (413, {"code": 413, "type": "RequestEntityTooLarge", "message": "request too large"}),
+    (500, {"error": {"type": "internal_error", "message": "the server failed on this request; see the model log"}}),
+    (500, {"code": 500, "type": "InternalServerException", "message": "something else"}),
+], ids=["400-bad-option", "404", "413", "500-internal-error", "500-other"])
+def test_client_errors_and_server_bugs_are_not_retried(two_files, status, payload):
+    with ScriptedServer(lambda n, request: (status, payload)) as server:
+        result = run_caption("--audio", str(two_files[0]), "--url", server.url, "--backoff", "0.01", "--json")
+    assert result.returncode == 1, result.stderr
+    assert len(server.requests) == 1
+    [line] = map(json.loads, result.stdout.splitlines())
+    assert line["status"] == status
+    assert line["error"]["message"] == payload.get("error", payload)["message"]
 
 
 def test_dropped_connections_are_retried(two_files):
@@ -201,9 +236,8 @@ def test_ctrl_c_stops_without_sending_the_queued_files(tmp_path):
         paths[-1].write_bytes(b"RIFF")
     with ScriptedServer(lambda n, request: (200, caption_payload(request["body"])), delay_s=0.5) as server:
         process = subprocess.Popen(
-            [sys.executable, str(CAPTION_SCRIPT), "--no-progress", "--audio", *map(str, paths), "--url", server.url,
-             "--concurrency", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*CAPTION, "--no-progress", "--audio", *map(str, paths), "--url", server.url, "--concurrency", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env(),
         )
         deadline = time.monotonic() + 30
         while len(server.requests) < 2 and time.monotonic() < deadline:
@@ -282,6 +316,22 @@ def test_usage_errors_exit_2(tmp_path, two_files):
     assert mismatch.returncode == 2 and "one per file" in mismatch.stderr
     no_key = run_caption("--audio", str(two_files[0]), "--key-file", str(tmp_path / "nope.json"))
     assert no_key.returncode == 2 and "does not exist" in no_key.stderr
+
+
+def test_decoding_option_flags_are_the_servers_options_with_their_ranges(two_files):
+    # Wide enough that argparse does not wrap a range across lines.
+    help_text = subprocess.run([*CAPTION, "--help"], capture_output=True, text=True, env=checkout_env(COLUMNS="300"),
+                               timeout=60).stdout
+    for name in OPTION_NAMES:  # --task is among them: it takes one task or one per file
+        assert f"--{name} " in help_text, name
+    assert "an integer in [1, 16]" in help_text and "one of ['none', 'content_words', 'all']" in help_text
+    with ScriptedServer(lambda n, request: (200, caption_payload(request["body"]))) as server:
+        for bad in (["--beam_size", "17"], ["--threshold", "1.5"], ["--forbid_rep_mode", "sometimes"],
+                    ["--min_pred_size", "two"]):
+            result = run_caption("--audio", str(two_files[0]), "--url", server.url, *bad)
+            assert result.returncode == 2, (bad, result.stderr)
+            assert bad[0] in result.stderr
+    assert server.requests == []  # refused before anything was sent
 
 
 # ------------------------------------------------------------------------------ real server

@@ -1,4 +1,4 @@
-"""scripts/fetch_weights.py against a local stand-in of the hub (tests/hub_standin.py).
+"""conette-fetch-weights (conette_client.fetch_weights) against a local stand-in of the hub (tests/hub_standin.py).
 
 The script runs as a subprocess, as users run it, so that huggingface_hub reads HF_HUB_OFFLINE,
 HF_HUB_CACHE and HF_TOKEN from the environment exactly as it does for them.
@@ -7,17 +7,16 @@ HF_HUB_CACHE and HF_TOKEN from the environment exactly as it does for them.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hub_standin import HubRepo, HubStandIn, unused_local_port
+from conette_client.files import unused_local_port
+from conftest import REPO_ROOT, checkout_env
+from hub_standin import HubRepo, HubStandIn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch_weights.py"
 REPO_ID = "Labbeti/conette"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -27,7 +26,7 @@ def checkpoint_files(tmp_path_factory) -> dict[str, bytes]:
     """A generated checkpoint in the official layout (what the hub repository holds)."""
     out_dir = tmp_path_factory.mktemp("official_checkpoint")
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "make_test_checkpoint.py"), str(out_dir)],
+        [sys.executable, str(REPO_ROOT / "tools" / "make_test_checkpoint.py"), str(out_dir)],
         check=True,
         capture_output=True,
     )
@@ -37,13 +36,13 @@ def checkpoint_files(tmp_path_factory) -> dict[str, bytes]:
 @pytest.fixture
 def hub_env(tmp_path) -> dict[str, str]:
     """Environment with a private hub cache and no ambient token or offline switch."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env = {k: v for k, v in checkout_env().items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hub_cache"), HF_HUB_DISABLE_TELEMETRY="1")
     return env
 
 
 def run_fetch(out_dir: Path, env: dict[str, str], *extra: str, weights: bytes | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(FETCH_SCRIPT), "--out", str(out_dir), "--revision", COMMIT, *extra]
+    args = [sys.executable, "-m", "conette_client.fetch_weights", "--out", str(out_dir), "--revision", COMMIT, *extra]
     if weights is not None:
         args += ["--sha256", hashlib.sha256(weights).hexdigest(), "--size", str(len(weights))]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)

@@ -23,6 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from conette_client.torchserve import parse_properties
+
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
@@ -57,16 +59,7 @@ def kustomize(directory: Path) -> list[dict]:
 
 
 def read_properties(text: str) -> dict[str, str]:
-    """The subset of the Java properties format TorchServe's files use: key=value lines, # comments."""
-    properties = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")):
-            key, separator, value = line.partition("=")
-            assert separator, f"not a key=value line: {line!r}"
-            assert key.strip() not in properties, f"duplicate key {key.strip()}"
-            properties[key.strip()] = value.strip()
-    return properties
+    return parse_properties(text, strict=True)
 
 
 def parse_dockerfile() -> dict:
