@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from audio_factory import make_audio
 from conette_client import manage
+from conette_client.files import unused_local_port
 from conette_client.prometheus import parse_samples
+from conette_client.torchserve import NotReadyError, ServerError, wait_until_ready
 from conftest import checkout_env
 
 MANAGE = [sys.executable, "-m", "conette_client.manage"]
@@ -109,3 +113,47 @@ def test_unreachable_server_is_an_error():
     result = run_manage("--management-url", "http://127.0.0.1:9", "--token", "x", "describe", timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("error: GET http://127.0.0.1:9/models/conette failed")
+
+
+def test_wait_ready_takes_the_addresses_from_config_properties(tmp_path, ts_server):
+    config = tmp_path / "config.properties"
+    config.write_text(
+        "# as make serve passes it\n"
+        f"inference_address={ts_server.inference_url}\n"
+        f"management_address={ts_server.management_url}\n"
+        f"metrics_address={ts_server.metrics_url}\n"
+    )
+    result = run_manage("--config", str(config), "--timeout", "60", "wait-ready", cwd=ts_server.workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"{ts_server.inference_url}/predictions/{ts_server.model_name}" in result.stdout
+    described = run_manage("--config", str(config), "--key-file", str(ts_server.key_file), "describe")
+    assert described.returncode == 0 and f"model {ts_server.model_name}" in described.stdout
+
+
+def test_wait_ready_gives_up_after_its_timeout():
+    result = run_manage("--management-url", f"http://127.0.0.1:{unused_local_port()}", "--token", "x",
+                        "--timeout", "2", "wait-ready", timeout=60)
+    assert result.returncode == 1
+    assert "no READY worker after 2 s" in result.stderr and "failed" in result.stderr
+
+
+def test_wait_until_ready_counts_ready_workers():
+    answers = iter([
+        ServerError("GET /models/conette answered 404"),  # not registered yet
+        [{"workers": [{"id": "9000", "status": "UNLOADING"}]}],
+        [{"workers": [{"id": "9000", "status": "READY"}, {"id": "9001", "status": "STARTING"}]}],
+        [{"workers": [{"id": "9000", "status": "READY"}, {"id": "9001", "status": "READY"}]}],
+    ])
+
+    def describe():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    found = wait_until_ready(describe, workers=2, timeout_s=5, interval_s=0)
+    assert [worker["id"] for worker in found] == ["9000", "9001"]
+    one = [{"workers": [{"id": "9000", "status": "READY"}, {"id": "9001", "status": "STARTING"}]}]
+    assert len(wait_until_ready(lambda: one, timeout_s=5, interval_s=0)) == 2  # any READY worker will do
+    with pytest.raises(NotReadyError, match="not 2 READY worker"):
+        wait_until_ready(lambda: one, workers=2, timeout_s=0.05, interval_s=0.01)

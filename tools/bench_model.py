@@ -1,7 +1,7 @@
 """Benchmark the in-process engine: per-stage times, clips/s, and the encoder's achieved GFLOP/s next to a large
 float32 matmul's GFLOP/s measured in the same run (the machine's practical ceiling).
 
-    python scripts/bench_model.py --checkpoint DIR [--threads 2] [--repeat 3]
+    python tools/bench_model.py --checkpoint DIR [--threads 2] [--repeat 3]
         [--reference-oracle ../shared/conette-reference/oracle --reference-python ~/.cache/conette-oracle/venv/bin/python]
 
 Workloads: 1 x 10 s, 8 x 10 s, and a mixed-length batch (2, 5, 10, 20 s), all 44.1 kHz stereo 16-bit WAV,
@@ -12,43 +12,27 @@ files and checkpoint, and the captions are compared.
 """
 
 import argparse
-import io
 import json
-import math
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
-
-from conette_engine import CaptioningEngine  # noqa: E402
-from conette_engine.audio import decode_audio, prepare_waveform  # noqa: E402
+from audio_factory import audio_bytes
+from conette_engine import CaptioningEngine
+from conette_engine.audio import decode_audio, prepare_waveform
 
 SOURCE_RATE = 44_100
 MATMUL_SIZE = 2048
 
 
 def make_wav(seconds: float, seed: int) -> bytes:
-    """Stereo 16-bit 44.1 kHz: a chirp on the left, noise bursts on the right."""
-    generator = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * SOURCE_RATE)) / SOURCE_RATE
-    left = 0.3 * torch.sin(2 * math.pi * (200 + 400 * t) * t)
-    right = 0.2 * torch.randn(t.shape, generator=generator) * (torch.sin(2 * math.pi * 0.5 * t) > 0)
-    samples = (torch.stack([left, right], dim=1).clamp(-1, 1) * 32767).to(torch.int16)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(2)
-        out.setsampwidth(2)
-        out.setframerate(SOURCE_RATE)
-        out.writeframes(samples.numpy().tobytes())
-    return buffer.getvalue()
+    """Stereo 16-bit 44.1 kHz white noise, a different one per seed."""
+    return audio_bytes("wav16", seconds=seconds, sample_rate=SOURCE_RATE, channels=2, signal="noise", seed=seed)
 
 
 def matmul_gflops(repeat: int = 10) -> float:
