@@ -47,7 +47,9 @@ class HubStandIn:
         self._lock = threading.Lock()
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class(self._answer_hub))
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class(self._answer_cdn))
-        self._threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in (self._hub, self._cdn)]
+        self._threads = [
+            threading.Thread(target=server.serve_forever, daemon=True) for server in (self._hub, self._cdn)
+        ]
 
     @property
     def endpoint(self) -> str:

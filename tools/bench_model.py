@@ -2,13 +2,14 @@
 float32 matmul's GFLOP/s measured in the same run (the machine's practical ceiling).
 
     python tools/bench_model.py --checkpoint DIR [--threads 2] [--repeat 3]
-        [--reference-oracle ../shared/conette-reference/oracle --reference-python ~/.cache/conette-oracle/venv/bin/python]
+        [--reference-oracle ../shared/conette-reference/oracle
+         --reference-python ~/.cache/conette-oracle/venv/bin/python]
 
 Workloads: 1 x 10 s, 8 x 10 s, and a mixed-length batch (2, 5, 10, 20 s), all 44.1 kHz stereo 16-bit WAV,
 beam 3 (the checkpoint's defaults). "rest / encoder" is everything but the encoder forward (log-mel + ConvNeXt +
-projection) over the encoder forward: decoding, resampling, beam search, tags, text. Each number is the median of --repeat runs. With --reference-*, the
-reference implementation (conette 0.3.2, run by the oracle's golden.py in its own venv) is timed on the same
-files and checkpoint, and the captions are compared.
+projection) over the encoder forward: decoding, resampling, beam search, tags, text. Each number is the median
+of --repeat runs. With --reference-*, the reference implementation (conette 0.3.2, run by the oracle's golden.py
+in its own venv) is timed on the same files and checkpoint, and the captions are compared.
 """
 
 import argparse
@@ -135,7 +136,8 @@ def main() -> None:
             reference = reference_times(args, paths, args.checkpoint.resolve(), work)
 
     header = ("| workload | decode | resample | log-mel | encoder | beam search | total | clips/s | "
-              "encoder GFLOP/s (% of matmul) | rest / encoder |" + (" reference total | speed-up |" if reference else ""))
+              "encoder GFLOP/s (% of matmul) | rest / encoder |"
+              + (" reference total | speed-up |" if reference else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, wavs in workloads.items():

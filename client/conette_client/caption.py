@@ -86,11 +86,17 @@ class Outcome:
         # "file", not "audio": the server's answer already has an "audio" object (duration, rate, channels).
         if self.response is not None:
             return json.dumps({"file": self.path, **self.response}, ensure_ascii=False)
-        return json.dumps({"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False)
+        return json.dumps(
+            {"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False
+        )
 
     def csv_row(self) -> dict:
         if self.response is None:
-            return {"audio": self.path, "task": self.task or "", "error": f"{self.error['type']}: {self.error['message']}"}
+            return {
+                "audio": self.path,
+                "task": self.task or "",
+                "error": f"{self.error['type']}: {self.error['message']}",
+            }
         return {
             "audio": self.path,
             "task": self.response.get("task", ""),
@@ -352,18 +358,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="conette-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--audio", nargs="+", required=True, help="audio files, directories (walked) and glob patterns")
-    parser.add_argument("--task", nargs="+", default=None, help="task for all files, or one per file (default: the server's, clotho)")
+    parser.add_argument(
+        "--task", nargs="+", default=None, help="task for all files, or one per file (default: the server's, clotho)"
+    )
     decoding_options = add_decoding_options(parser)
     parser.add_argument("--csv_export", help="write a CSV (audio,task,candidate,score,tags,duration_s,error)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file on stdout")
-    parser.add_argument("--url", default=DEFAULT_ADDRESSES["inference"], help="inference API base URL (default: %(default)s)")
+    parser.add_argument(
+        "--url", default=DEFAULT_ADDRESSES["inference"], help="inference API base URL (default: %(default)s)"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
     parser.add_argument("--token", help="inference token (default: from TorchServe's key_file.json when found)")
-    parser.add_argument("--key-file", help=f"TorchServe key file to read the inference token from (default: ./{KEY_FILE_NAME}, then the checkout root)")
+    parser.add_argument(
+        "--key-file",
+        help=f"TorchServe key file with the inference token (default: ./{KEY_FILE_NAME}, then the checkout root)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=5, help="retries per file on 502/503/504/507, a 500 'Worker died.', and connection errors (default: %(default)s)")
-    parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer (default: %(default)s)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries per file on 502/503/504/507, a 500 'Worker died.', and connection errors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=0.5,
+        help="first retry delay in seconds, doubled each time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for one answer (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.retries < 0 or args.backoff < 0 or args.timeout <= 0:
@@ -381,7 +406,10 @@ def report(outcome: Outcome, as_json: bool) -> None:
     if outcome.response is None:
         status = f"HTTP {outcome.status}, " if outcome.status else ""
         tries = f", after {outcome.attempts} attempts" if outcome.attempts > 1 else ""
-        print(f"error: {outcome.path}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}", file=sys.stderr)
+        print(
+            f"error: {outcome.path}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}",
+            file=sys.stderr,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,7 +432,9 @@ def run(args: argparse.Namespace) -> int:
     progress.draw()
     refused: AuthorizationError | None = None
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = {pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))}
+        futures = {
+            pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))
+        }
         try:
             for future in as_completed(futures):
                 try:

@@ -146,7 +146,9 @@ def download_to_cache(args: argparse.Namespace, filename: str) -> Path:
     except RemoteEntryNotFoundError as error:
         raise FetchError(f"{args.repo_id} has no {filename} at revision {args.revision} ({error}).") from error
     except HfHubHTTPError as error:
-        raise FetchError(f"The hub refused the download of {filename}: {error}. {manual_placement_help(args)}") from error
+        raise FetchError(
+            f"The hub refused the download of {filename}: {error}. {manual_placement_help(args)}"
+        ) from error
     except OSError as error:
         # Disk full, unwritable cache, size mismatch reported by huggingface_hub, ...
         raise FetchError(f"Downloading {filename} failed: {error}") from error
@@ -225,7 +227,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sha256", default=DEFAULT_WEIGHTS_SHA256, help="expected sha256 of pytorch_model.bin (default: %(default)s)"
     )
     parser.add_argument(
-        "--size", type=int, default=DEFAULT_WEIGHTS_SIZE, help="expected size of pytorch_model.bin in bytes (default: %(default)s)"
+        "--size",
+        type=int,
+        default=DEFAULT_WEIGHTS_SIZE,
+        help="expected size of pytorch_model.bin in bytes (default: %(default)s)",
     )
     return parser.parse_args(argv)
 

@@ -133,7 +133,10 @@ def averages(samples: list[Sample]) -> list[str]:
         if name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
             count = totals.get(("ts_inference_requests_total", labels))
             if count:
-                lines.append(f"mean {name.removeprefix('ts_').removesuffix('_microseconds')} per request{labels}: {total / count / 1000:.1f} ms")
+                lines.append(
+                    f"mean {name.removeprefix('ts_').removesuffix('_microseconds')} per request{labels}: "
+                    f"{total / count / 1000:.1f} ms"
+                )
         elif name.endswith("_sum"):
             count = totals.get((base_name(name) + "_count", labels))
             if count:
@@ -166,7 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
     parser.add_argument("--token", help="management key (default: from TorchServe's key_file.json)")
     parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the checkout root)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print the server's answers as JSON")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("describe", help="model settings and workers").set_defaults(action=describe)
