@@ -1,13 +1,13 @@
 """The reference's golden outputs and the dev checkpoint, as committed under tests/fixtures/golden/.
 
-Made by scripts/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format).
+Made by tools/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format).
 """
 
 import io
 import json
 import lzma
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -21,17 +21,17 @@ def load_xz(path: Path):
     return torch.load(io.BytesIO(lzma.decompress(path.read_bytes())), weights_only=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cases() -> dict[str, dict]:
     return {case["id"]: case for case in json.loads((GOLDEN / "cases.json").read_text())["cases"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def goldens() -> dict:
     return load_xz(GOLDEN / "goldens.pt.xz")
 
 
-@lru_cache(maxsize=None)
+@cache
 def tensor_inputs() -> dict[str, dict]:
     return load_xz(GOLDEN / "inputs.pt.xz")
 

@@ -35,6 +35,8 @@ import yaml
 from audio_factory import make_audio
 from conftest import VENV_BIN, TorchServeInstance, free_ports
 
+from conette_client.torchserve import parse_properties
+
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
@@ -73,16 +75,7 @@ def kustomize(directory: Path) -> list[dict]:
 
 
 def read_properties(text: str) -> dict[str, str]:
-    """The subset of the Java properties format TorchServe's files use: key=value lines, # comments."""
-    properties = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")):
-            key, separator, value = line.partition("=")
-            assert separator, f"not a key=value line: {line!r}"
-            assert key.strip() not in properties, f"duplicate key {key.strip()}"
-            properties[key.strip()] = value.strip()
-    return properties
+    return parse_properties(text, strict=True)
 
 
 def parse_dockerfile() -> dict:

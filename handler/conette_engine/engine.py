@@ -18,7 +18,9 @@ from .errors import CheckpointError, OptionError
 from .model import CoNeTTE, ModelDimensions
 
 
-ENGINE_VERSION = "1.0.0"
+# The one version string of the project: pyproject.toml and build_mar.sh (the .mar's model version) read this
+# file too. A file next to the code, not package metadata: inside a .mar the package is not installed.
+ENGINE_VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 
 @dataclass
