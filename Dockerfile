@@ -58,10 +58,17 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install $PIP_EXTRA_ARGS -r /opt/conette/requirements.txt \
     && python -c 'import torch, torchaudio, torchcodec, ts; print("torch", torch.__version__)'
 
-# Sources: the handler (also packed inside every .mar) and the scripts, so that the same image can run as
-# an init container that fetches, converts and archives the weights into the model-store volume.
+# Sources: the handler (also packed inside every .mar), the build scripts and the installed packages
+# (conette_engine, conette_client with conette-fetch-weights / conette-manage), so that the same image can run
+# as an init container that fetches, converts and archives the weights into the model-store volume.
+# tools/ holds the test-checkpoint maker that scripts/build_image.sh runs inside the image.
+COPY pyproject.toml README.md /opt/conette/
 COPY handler/ /opt/conette/handler/
+COPY client/ /opt/conette/client/
 COPY scripts/ /opt/conette/scripts/
+COPY tools/make_test_checkpoint.py /opt/conette/tools/make_test_checkpoint.py
+RUN pip install $PIP_EXTRA_ARGS --no-deps /opt/conette \
+    && conette-manage --help >/dev/null
 COPY metrics.yaml /opt/conette/config/metrics.yaml
 COPY kubernetes/base/config.properties kubernetes/base/log4j2.xml /opt/conette/config/
 COPY kubernetes/image/torchserve_pod.py /opt/conette/bin/torchserve_pod.py

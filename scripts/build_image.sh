@@ -79,7 +79,7 @@ rm -rf "$work/model-store" && mkdir -p "$work/model-store"
 podman run --rm --network=host --read-only --tmpfs /tmp:rw,size=768m,U \
     --user 1000:1000 --cap-drop ALL --security-opt no-new-privileges \
     -v "$work/model-store:/opt/conette/model-store:U" "$image" sh -c \
-    'python /opt/conette/scripts/make_test_checkpoint.py /tmp/checkpoint &&
+    'python /opt/conette/tools/make_test_checkpoint.py /tmp/checkpoint &&
      /opt/conette/scripts/build_mar.sh /tmp/checkpoint /opt/conette/model-store'
 ls -l "$work/model-store"
 

@@ -212,7 +212,7 @@ def test_component_renders_and_validates(tmp_path, overlay, component):
     if component == "fetch-weights":
         (init,) = spec["initContainers"]
         command = " ".join(init["command"] + init["args"])
-        assert "scripts/fetch_weights.py" in command and "scripts/build_mar.sh" in command
+        assert "conette-fetch-weights --out" in command and "scripts/build_mar.sh" in command
         written = {m["name"] for m in init["volumeMounts"] if m["mountPath"] == "/opt/conette/model-store"}
         read = {m["name"] for m in server_container(docs)["volumeMounts"]
                 if m["mountPath"] == "/opt/conette/model-store"}
@@ -850,3 +850,12 @@ def test_kserve_front_answers_health_routes_and_forwards_inference(tmp_path, mod
         assert entry.process.wait(timeout=120) == 0, entry.output()[-3000:]
     finally:
         entry.kill()
+
+
+@pytest.mark.parametrize("kustomization", ["overlays/cpu", "overlays/gpu", "kserve"])
+def test_image_tags_carry_the_project_version(kustomization):
+    """One version string: the image tag an overlay deploys starts with conette_engine/VERSION."""
+    version = (REPO / "handler" / "conette_engine" / "VERSION").read_text().strip()
+    spec = yaml.safe_load((KUBERNETES / kustomization / "kustomization.yaml").read_text())
+    tags = [image["newTag"] for image in spec["images"]]
+    assert tags and all(tag.split("-")[0] == version for tag in tags), tags
