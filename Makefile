@@ -28,7 +28,7 @@ READY_TIMEOUT_S ?= 300
 TS_PID_FILE := $(or $(TEMP),$(TMPDIR),/tmp)/.model_server.pid
 
 MAR_INPUTS := handler/conette_handler.py handler/model-config.yaml scripts/build_mar.sh \
-	$(wildcard handler/conette_engine/*.py handler/conette_engine/data/*) \
+	$(wildcard handler/conette_engine/*.py handler/conette_engine/data/*) $(wildcard handler/conette_protocol/*.py) \
 	$(wildcard $(addprefix $(CHECKPOINT)/,config.json pytorch_model.bin model.safetensors vocab.json)) \
 	$(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/pytorch_model.bin) \
 	$(CHECKPOINT_RECORD)
