@@ -21,7 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from conette_engine.decoding import OPTION_NAMES
 from conette_engine.engine import CaptioningEngine
 from conette_engine.errors import InputError
-from conette_protocol import HttpRequest, ServerError, error_reply, parse_request
+from conette_protocol import HttpRequest, ServerError, choose_codec, error_reply
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +80,27 @@ class ConetteHandler(BaseHandler):
         self._record("StageLatencySeconds", MetricTypes.HISTOGRAM, time.perf_counter() - started, "decode")
         outcomes = self._caption(decoded)
         self._record("BatchSize", MetricTypes.HISTOGRAM, len(data))
-        return [self._respond(idx, *pair) for idx, pair in enumerate(zip(decoded, outcomes))]
+        return [self._respond(idx, *request, outcome) for idx, (request, outcome) in enumerate(zip(decoded, outcomes))]
 
-    def _decode(self, idx: int, request: dict):
-        """(ParsedRequest, [(DecodedAudio, DecodingOptions), ...]), or the error that stops this request."""
+    def _decode(self, idx: int, request: dict) -> tuple:
+        """(codec, ParsedRequest, [(DecodedAudio, DecodingOptions), ...]); the error that stops the request takes
+        the place of the items (and of the rest, when it comes before them)."""
         headers = {k.lower(): v for k, v in (self.context.get_all_request_header(idx) or {}).items()
                    if isinstance(v, str)}
-        body_type = (self.context.get_request_header(idx, "body") or {}).get("content-type")
-        headers.setdefault("content-type", body_type or "")
+        headers.setdefault("content-type", (self.context.get_request_header(idx, "body") or {}).get("content-type")
+                           or "")
+        codec = parsed = None
         try:
-            parsed = parse_request(HttpRequest(request, headers), self.max_instances)
+            http_request = HttpRequest(request, headers)
+            codec = choose_codec(http_request)
+            parsed = codec.parse(http_request, self.max_instances)
             parsed = replace(parsed, request_id=parsed.request_id or self.context.get_request_id(idx))
-            return parsed, [self._engine_input(item) for item in parsed.items]
+            return codec, parsed, [self._engine_input(item) for item in parsed.items]
         except InputError as error:
-            return error
+            return codec, parsed, error
         except Exception:  # a bug or a decoder crash on this request must not fail the others
             logger.exception("unexpected error while decoding request %d of the batch", idx)
-            return ServerError()
+            return codec, parsed, ServerError()
 
     def _engine_input(self, item):
         try:
@@ -107,20 +111,21 @@ class ConetteHandler(BaseHandler):
 
     def _caption(self, decoded: list) -> list:
         """Per request: its CaptionResults, or its error. One engine call for the batch; one per request if it fails."""
-        outcomes, pending = list(decoded), [i for i, d in enumerate(decoded) if not isinstance(d, Exception)]
+        outcomes = [inputs for _, _, inputs in decoded]
+        pending = [i for i, inputs in enumerate(outcomes) if not isinstance(inputs, Exception)]
         timings: dict = {}
         try:
-            for i, results in zip(pending, self._run([decoded[i][1] for i in pending], timings)):
+            for i, results in zip(pending, self._run([outcomes[i] for i in pending], timings)):
                 outcomes[i] = results
         except Exception:  # only visible at inference time: find which request, keep the others
             logger.warning("batch of %d requests failed; captioning them one by one", len(pending), exc_info=True)
             for i in pending:
                 try:
-                    outcomes[i] = self._run([decoded[i][1]], timings)[0]
+                    outcomes[i] = self._run([decoded[i][2]], timings)[0]
                 except InputError as error:
                     outcomes[i] = error
                 except Exception:
-                    logger.exception("request %s failed", decoded[i][0].request_id)
+                    logger.exception("request %s failed", decoded[i][1].request_id)
                     outcomes[i] = ServerError()
         for stage, seconds in timings.items():
             self._record("StageLatencySeconds", MetricTypes.HISTOGRAM, seconds, stage)
@@ -134,19 +139,18 @@ class ConetteHandler(BaseHandler):
             results = iter(self.engine.caption([a for a, _ in items], [o for _, o in items], timings=timings))
         return [[next(results) for _ in inputs] for inputs in requests]
 
-    def _respond(self, idx: int, decoded, outcome) -> bytes:
+    def _respond(self, idx: int, codec, parsed, inputs, outcome) -> bytes:
         error = outcome if isinstance(outcome, Exception) else None
         if error is None:
-            parsed, inputs = decoded
             answers = [{**result.to_dict(), "model": self.model_info} for result in outcome]
             try:
-                reply = parsed.codec.format(parsed, answers, self.model_info)
+                reply = codec.format(parsed, answers, self.model_info)
                 self._record("AudioSecondsProcessed", MetricTypes.COUNTER, sum(a.duration_s for a, _ in inputs))
             except ServerError as failure:  # e.g. a non-finite number in the answer
                 logger.error("request %s: %s", parsed.request_id, failure.message)
                 error = failure
         if error is not None:
-            reply = error_reply(error)
+            reply = codec.format_error(error) if codec is not None else error_reply(error)
             self.context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
             self._record("RequestErrors", MetricTypes.COUNTER, 1, error.type)
         self.context.set_response_content_type(idx, reply.content_type)

@@ -13,14 +13,20 @@ import tritonclient.http as triton
 from tritonclient.utils import deserialize_bytes_tensor
 
 from conette_engine.errors import InputError
-from conette_protocol import (HttpRequest, ParsedRequest, ServerError, error_reply, json_body, kserve_v1, multipart,
-                              oip_v2, oip_v2_binary, parse_request, raw)
+from conette_protocol import (HttpRequest, ParsedRequest, ServerError, choose_codec, error_reply, json_body,
+                              kserve_v1, multipart, oip_v2, oip_v2_binary, raw)
 
 CLIP = b"RIFF\x24\x00\x00\x00WAVEfmt "  # bytes the codecs pass on untouched (decoding is the engine's job)
 OTHER = b"OggS\x00\x02" + bytes(range(40))
 MAX_INSTANCES = 8
 MODEL = {"name": "conette", "version": "1.0", "checkpoint_sha256": "0" * 64}
 HOSTILE_OPTIONS = {"beam_size": "\u00b2", "min_pred_size": "9" * 5000, "threshold": 10**400}
+
+
+def parse_request(http_request: HttpRequest, max_instances: int) -> tuple:
+    """(codec, ParsedRequest), as the handler gets them."""
+    codec = choose_codec(http_request)
+    return codec, codec.parse(http_request, max_instances)
 
 
 def b64(data: bytes) -> str:
@@ -104,14 +110,14 @@ GOOD = {
 @pytest.mark.parametrize("case", GOOD)
 def test_parse_good_requests(case):
     http_request, codec, items, request_id = GOOD[case]
-    parsed = parse_request(http_request, MAX_INSTANCES)
-    assert parsed.codec is codec
+    chosen, parsed = parse_request(http_request, MAX_INSTANCES)
+    assert chosen is codec
     assert [(item.audio, item.options) for item in parsed.items] == items
     assert parsed.request_id == request_id
 
 
 def test_v2_items_say_where_they_came_from():
-    parsed = parse_request(request({"inputs": [v2_input([b64(CLIP)] * 2)]}, "application/json"), MAX_INSTANCES)
+    _, parsed = parse_request(request({"inputs": [v2_input([b64(CLIP)] * 2)]}, "application/json"), MAX_INSTANCES)
     assert [item.where for item in parsed.items] == ["audio.data[0]: ", "audio.data[1]: "]
 
 
@@ -235,8 +241,8 @@ def test_kserve_v1_answers_predictions():
 
 
 def test_v2_json_answer():
-    parsed = parse_request(v2(id="abc", inputs=[v2_input([b64(CLIP)] * 2)]), MAX_INSTANCES)
-    reply = parsed.codec.format(parsed, ANSWERS, MODEL)
+    codec, parsed = parse_request(v2(id="abc", inputs=[v2_input([b64(CLIP)] * 2)]), MAX_INSTANCES)
+    reply = codec.format(parsed, ANSWERS, MODEL)
     assert reply.content_type == "application/json" and reply.headers == {}
     body = json.loads(reply.body)
     assert (body["model_name"], body["model_version"], body["id"]) == ("conette", "1.0", "abc")
@@ -253,9 +259,9 @@ def split_binary(reply) -> tuple[dict, bytes]:
 
 
 def test_v2_outputs_asked_in_binary_come_back_in_binary():
-    parsed = parse_request(v2(inputs=[v2_input([b64(CLIP)] * 2)], outputs=[
+    codec, parsed = parse_request(v2(inputs=[v2_input([b64(CLIP)] * 2)], outputs=[
         {"name": "score", "parameters": {"binary_data": True}}, {"name": "caption"}]), MAX_INSTANCES)
-    reply = parsed.codec.format(parsed, ANSWERS, MODEL)
+    reply = codec.format(parsed, ANSWERS, MODEL)
     assert reply.content_type == "application/octet-stream"
     header, binary = split_binary(reply)
     assert [o["name"] for o in header["outputs"]] == ["score", "caption"]  # only those asked for, in that order
@@ -266,9 +272,9 @@ def test_v2_outputs_asked_in_binary_come_back_in_binary():
 
 
 def test_binary_data_output_sends_every_output_in_binary():
-    parsed = parse_request(v2(inputs=[v2_input([b64(CLIP)] * 2)], parameters={"binary_data_output": True}),
+    codec, parsed = parse_request(v2(inputs=[v2_input([b64(CLIP)] * 2)], parameters={"binary_data_output": True}),
                            MAX_INSTANCES)
-    header, binary = split_binary(parsed.codec.format(parsed, ANSWERS, MODEL))
+    header, binary = split_binary(codec.format(parsed, ANSWERS, MODEL))
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
     assert sum(sizes) == len(binary)
     captions = deserialize_bytes_tensor(binary[: sizes[0]])
@@ -284,10 +290,11 @@ def test_tritonclient_reads_the_binary_answer():
     body, json_size = triton.InferenceServerClient.generate_request_body([audio], request_id="t1",
                                                                          parameters={"task": "macs"})
     http_request = request(body, headers={"inference-header-content-length": str(json_size)})
-    parsed = parse_request(http_request, MAX_INSTANCES)
-    assert parsed.codec is oip_v2_binary and parsed.request_id == "t1"
-    assert [(item.audio, item.options) for item in parsed.items] == [(CLIP, {"task": "macs"}), (OTHER, {"task": "macs"})]
-    reply = parsed.codec.format(parsed, ANSWERS, MODEL)
+    codec, parsed = parse_request(http_request, MAX_INSTANCES)
+    assert codec is oip_v2_binary and parsed.request_id == "t1"
+    assert [(item.audio, item.options) for item in parsed.items] == [(CLIP, {"task": "macs"}),
+                                                                      (OTHER, {"task": "macs"})]
+    reply = codec.format(parsed, ANSWERS, MODEL)
     result = triton.InferenceServerClient.parse_response_body(
         reply.body, header_length=int(reply.headers["Inference-Header-Content-Length"]))
     assert result.as_numpy("caption").tolist() == [b"a dog barks", b"rain falls on a roof"]
@@ -304,9 +311,9 @@ def test_non_finite_numbers_are_server_errors_not_invalid_json(style, value):
         "v2 json": v2(),
         "v2 binary": v2(parameters={"binary_data_output": True}),
     }
-    parsed = parse_request(requests_by_style[style], MAX_INSTANCES)
+    codec, parsed = parse_request(requests_by_style[style], MAX_INSTANCES)
     with pytest.raises(ServerError):
-        parsed.codec.format(parsed, [answer("x", value)], MODEL)
+        codec.format(parsed, [answer("x", value)], MODEL)
 
 
 def test_error_reply_shape():
@@ -316,3 +323,19 @@ def test_error_reply_shape():
                                                 "message": "beam_size must be an integer in [1, 16], got 0"}}
     server = error_reply(ServerError())
     assert server.status == 500 and json.loads(server.body)["error"]["type"] == "internal_error"
+
+
+@pytest.mark.parametrize("codec", [raw, multipart, json_body, kserve_v1])
+def test_errors_have_the_project_shape(codec):
+    reply = codec.format_error(InputError("audio.data[0]: no audio", type="missing_audio"))
+    assert reply.status == 400
+    assert json.loads(reply.body) == {"error": {"type": "missing_audio", "message": "audio.data[0]: no audio"}}
+
+
+@pytest.mark.parametrize("codec", [oip_v2, oip_v2_binary])
+def test_v2_errors_have_the_protocol_shape(codec):
+    """OIP v2 clients read `error` as a string (tritonclient fails on an object there)."""
+    reply = codec.format_error(InputError("shape [3] holds 3 elements", type="invalid_request"))
+    assert reply.status == 400
+    assert json.loads(reply.body) == {"error": "shape [3] holds 3 elements", "type": "invalid_request"}
+    assert json.loads(codec.format_error(ServerError()).body)["type"] == "internal_error"

@@ -6,7 +6,9 @@ Served on POST /v1/models/{model}:predict (TorchServe's KServe v1 route) and on 
 from conette_engine.errors import InputError
 
 from .records import (HttpRequest, Item, ParsedRequest, Reply, check_instance_count, decode_base64, dumps,
-                      json_object)
+                      error_reply, json_object)
+
+format_error = error_reply
 
 
 def accepts(request: HttpRequest) -> bool:

@@ -1,8 +1,9 @@
 """multipart/form-data: the audio as file field `audio` (or `data`), options as the other form fields."""
 
-from .records import AUDIO_FIELDS, HttpRequest, Item, ParsedRequest, one_answer
+from .records import AUDIO_FIELDS, HttpRequest, Item, ParsedRequest, error_reply, one_answer
 
 format = one_answer
+format_error = error_reply
 
 
 def accepts(request: HttpRequest) -> bool:

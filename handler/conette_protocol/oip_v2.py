@@ -3,7 +3,7 @@
 Request: {"id": ..., "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [n], "data": [<base64>, ...]}],
 "parameters": {<option>: <value>, ...}, "outputs": [{"name": "caption", "parameters": {"binary_data": true}}]}.
 Answer: outputs `caption` (BYTES), `score` (FP32) and `tags` (BYTES, each a JSON list of {"label", "score"}),
-each of shape [n]. Outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
+each of shape [n]. Errors: {"error": "<message>", "type": "<type>"}, the protocol's shape (`error` a string). Outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
 come back in the binary tensor extension (see oip_v2_binary).
 """
 
@@ -96,6 +96,11 @@ def format(parsed: ParsedRequest, answers: list[dict], model: dict) -> Reply:
         return Reply(body=head)
     return Reply(body=head + b"".join(buffers), content_type="application/octet-stream",
                  headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+def format_error(error: InputError | ServerError) -> Reply:
+    """The protocol's error object: `error` is the message (a string, as tritonclient requires), plus its type."""
+    return Reply(body=dumps({"error": error.message, "type": error.type}), status=error.http_status)
 
 
 def _parameters(value: Any, where: str) -> dict:

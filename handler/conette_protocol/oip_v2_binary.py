@@ -13,6 +13,7 @@ from .records import HttpRequest, ParsedRequest, loads
 
 HEADER_LENGTH = "inference-header-content-length"
 format = oip_v2.format
+format_error = oip_v2.format_error
 
 
 def accepts(request: HttpRequest) -> bool:

@@ -6,9 +6,10 @@ drops it on /predictions/{model}.
 
 from conette_engine.errors import InputError
 
-from .records import HOW_TO_SEND_AUDIO, HttpRequest, Item, ParsedRequest, one_answer
+from .records import HOW_TO_SEND_AUDIO, HttpRequest, Item, ParsedRequest, error_reply, one_answer
 
 format = one_answer
+format_error = error_reply
 
 
 def accepts(request: HttpRequest) -> bool:

@@ -7,7 +7,6 @@ import binascii
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import ModuleType
 from typing import Any
 
 from conette_engine.errors import InputError
@@ -86,13 +85,12 @@ class Item:
 
 @dataclass
 class ParsedRequest:
-    """A request's clips and what its answer needs: the client's request id, (OIP v2) the outputs asked for
-    and which of them go back as binary, and the codec that formats the answer (set by parse_request)."""
+    """A request's clips and what its answer needs: the client's request id and (OIP v2) the outputs asked for
+    and which of them go back as binary."""
 
     items: list[Item]
     request_id: str | None = None
-    outputs: dict[str, bool] | None = None  # OIP v2: output name -> binary; None = every output
-    codec: ModuleType | None = None
+    outputs: dict[str, bool] | None = None  # OIP v2: output name -> binary
 
 
 @dataclass
