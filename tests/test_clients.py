@@ -101,4 +101,4 @@ def test_kserve_sdk_v1_and_v2(ts_server, clips, expected, tmp_path):
     assert found["v2_json"]["id"] == "kserve-json" and found["v2_binary"]["id"] == "kserve-binary"
     assert int(found["v2_binary_header"]) > 0  # the answer came back in the binary extension
     assert found["v2_error"]["status"] == 400
-    assert found["v2_error"]["body"]["error"]["type"] == "invalid_option"
+    assert found["v2_error"]["body"]["type"] == "invalid_option"  # the OIP v2 error shape
