@@ -149,6 +149,9 @@ class ConetteHandler(BaseHandler):
             except ServerError as failure:  # e.g. a non-finite number in the answer
                 logger.error("request %s: %s", parsed.request_id, failure.message)
                 error = failure
+            except Exception:
+                logger.exception("formatting the answer of request %s failed", parsed.request_id)
+                error = ServerError()
         if error is not None:
             reply = codec.format_error(error) if codec is not None else error_reply(error)
             self.context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
