@@ -1,6 +1,6 @@
 """JSON {"audio": "<base64>", <option>: <value>, ...}: every key but `audio` is a decoding option."""
 
-from .records import HttpRequest, Item, ParsedRequest, decode_base64, json_object, error_reply, one_answer
+from .records import HttpRequest, Item, ParsedRequest, decode_base64, error_reply, json_object, one_answer
 
 format = one_answer
 format_error = error_reply
