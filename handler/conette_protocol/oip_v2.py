@@ -3,8 +3,9 @@
 Request: {"id": ..., "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [n], "data": [<base64>, ...]}],
 "parameters": {<option>: <value>, ...}, "outputs": [{"name": "caption", "parameters": {"binary_data": true}}]}.
 Answer: outputs `caption` (BYTES), `score` (FP32) and `tags` (BYTES, each a JSON list of {"label", "score"}),
-each of shape [n]. Errors: {"error": "<message>", "type": "<type>"}, the protocol's shape (`error` a string). Outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
-come back in the binary tensor extension (see oip_v2_binary).
+each of shape [n]; outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
+come back in the binary tensor extension (see oip_v2_binary). Errors: {"error": "<message>", "type": "<type>"},
+the protocol's shape (`error` is a string).
 """
 
 from __future__ import annotations
