@@ -152,7 +152,9 @@ class ConetteHandler(BaseHandler):
             # TorchServe keeps each parameter's content type; the body's is the request's Content-Type.
             body_type = (self.context.get_request_header(idx, RAW_BODY_FIELD) or {}).get("content-type", "")
             try:
-                parsed.append(self._parse_request(request, body_type))
+                one = self._parse_request(request, body_type)
+                self.engine.check_request_work(one["items"])  # keeps batchSize requests under responseTimeout
+                parsed.append(one)
             except InputError as error:
                 parsed.append(parsed_request("plain", error=error))
             except Exception:  # a bug or a decoder crash on this request must not fail the others
