@@ -9,7 +9,7 @@ CaptioningEngine.caption in a fresh process, as one TorchServe batch does, and i
 are printed next to the estimate:
 
     time     every request: 8 clips x 30 s at the default options (encoder-bound)
-    decode   every request: 2 clips x 30 s at beam_size 16, min_pred_size = max_pred_size = 100 (decoder-bound)
+    decode   every request: 1 clip x 30 s at beam_size 16, min_pred_size = max_pred_size = 100 (decoder-bound)
     memory   every request: 6 clips x 30 s at beam_size 16, max_pred_size 3 (most hypotheses at once)
 
 Use a full-size checkpoint (scripts/make_test_checkpoint.py DIR --depths 3,3,9,3 --layers 6 --ffn 2048
@@ -35,7 +35,7 @@ from conette_engine.engine import CaptioningEngine  # noqa: E402
 CLIP_S = 30.0
 CASES = {  # name: (clips per request, options)
     "time": (8, {}),
-    "decode": (2, {"beam_size": 16, "min_pred_size": 100, "max_pred_size": 100}),
+    "decode": (1, {"beam_size": 16, "min_pred_size": 100, "max_pred_size": 100}),
     "memory": (6, {"beam_size": 16, "min_pred_size": 1, "max_pred_size": 3}),
 }
 

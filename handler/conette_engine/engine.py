@@ -22,25 +22,27 @@ from .model import CoNeTTE, ModelDimensions
 ENGINE_VERSION = "1.0.0"
 
 # ---- Work of one item, so that no accepted batch can overrun TorchServe's responseTimeout or the memory limit ----
-# Calibrated on the documented hardware (2 CPU cores, 2 torch threads, full-size model: ConvNeXt 3,3,9,3, 6 decoder
-# layers, d_model 256) with tools/bench_batch_work.py, which prints the measured constants next to these; each
-# constant is above its measurement (docs/reliability.md "Work per batch").
-# Encoder (log-mel + ConvNeXt + projection), one clip at a time: measured 0.021 s per second of audio.
-ENCODE_S_PER_AUDIO_S = 0.025
-# Beam search: every step costs a fixed overhead plus a cost per live hypothesis (measured 0.4-0.5 ms per
-# hypothesis-step at 2 threads, flat up to 100 tokens). max_pred_size bounds the steps (min = max forces them all).
-DECODE_S_PER_STEP = 0.005
-DECODE_S_PER_HYPOTHESIS_STEP = 0.001
+# Upper estimates for the documented hardware (2 dedicated CPU cores, 2 torch threads, full-size model: ConvNeXt
+# 3,3,9,3, 6 decoder layers, d_model 256), from tools/bench_batch_work.py (docs/reliability.md "Work per batch").
+# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.021 s per audio second on an idle host, 0.028
+# (CPU time / 2 threads) in a batch of 64 x 30 s clips on a busy one.
+ENCODE_S_PER_AUDIO_S = 0.03
+# Beam search: a fixed cost per step (0.002 s measured) and a cost per live hypothesis per step, which grows with
+# the number of hypotheses in the batch (memory-bound: every hypothesis reads its own cross-attention keys/values):
+# 0.45 ms with 16 hypotheses, 2.9 ms (CPU time / 2 threads) with 256. min_pred_size = max_pred_size forces every
+# step, so max_pred_size bounds the steps.
+DECODE_S_PER_STEP = 0.002
+DECODE_S_PER_HYPOTHESIS_STEP = 0.003
 # Decoder memory held during the beam search, per hypothesis: cross-attention keys/values over the clip's encoder
-# frames plus the self-attention cache over its tokens (n_layers x 2 x d_model float32 each; measured 11 KiB per
-# hypothesis-frame with 6 layers). Encoder frames: 100 STFT frames per second, downsampled 32 times.
+# frames plus the self-attention cache over its tokens (n_layers x K,V x d_model float32 = 12 KiB with 6 layers).
+# Encoder frames: 100 STFT frames per second, downsampled 32 times.
 BYTES_PER_HYPOTHESIS_FRAME = 12 * 1024
 ENCODER_FRAMES_PER_S = 100 / 32
 
 # Defaults for TorchServe's batchSize 8 and responseTimeout 120 s in a 4 GiB pod: a whole batch of 8 requests at
-# their limit is at most 60 s of compute (half of responseTimeout: room for a slower or busier host) and 1 GiB of
-# beam-search memory on top of the worker's ~2.5 GiB peak. Eight 30 s clips at the default options (7.3 s) fit.
-DEFAULT_REQUEST_WORK_S = 60.0 / 8
+# their limit is at most 72 s of compute (60 % of responseTimeout) and 1 GiB of beam-search memory on top of the
+# worker's ~2 GiB peak. Eight 30 s clips at the default options (beam 3, 20 tokens: 8.96 s) fit in one request.
+DEFAULT_REQUEST_WORK_S = 72.0 / 8
 DEFAULT_REQUEST_BEAM_BYTES = 1024**3 // 8
 
 
