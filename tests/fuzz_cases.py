@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
@@ -59,6 +61,34 @@ def send(server, case: Case, clips: dict[str, bytes]):
             "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [len(audios)], "data": [b64(a) for a in audios]}],
             "parameters": options})
     raise ValueError(case.style)
+
+
+def fire_together(server, cases: list[Case], clips: dict[str, bytes]) -> list:
+    """Send the cases at the same moment from separate threads, so that the server batches them."""
+    barrier = threading.Barrier(len(cases))
+
+    def run(case):
+        barrier.wait()
+        return send(server, case, clips)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(run, cases))
+
+
+def lone_answers(engine, clips: dict[str, bytes]):
+    """lone_answer(clip_name, options) -> the in-process engine's answer dict for that clip alone (memoized)."""
+    cache: dict = {}
+    lock = threading.Lock()
+
+    def lone_answer(clip: str, options: dict) -> dict:
+        key = (clip, tuple(sorted(options.items())))
+        with lock:
+            if key not in cache:
+                opts = engine.parse_options({"beam_size": 3, **options})  # the server's default beam_size is 3
+                cache[key] = engine.caption([engine.load_audio(clips[clip])], [opts])[0].to_dict()
+            return cache[key]
+
+    return lone_answer
 
 
 # ---- strategies -------------------------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ PID never changes. This short, derandomized variant runs in CI; tools/fuzz_serve
 from __future__ import annotations
 
 import collections
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,31 +31,7 @@ def fuzz_clips(tmp_path_factory) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def lone_answer(test_checkpoint_dir, fuzz_clips):
-    engine = CaptioningEngine.load(test_checkpoint_dir)
-    cache: dict = {}
-    lock = threading.Lock()
-
-    def answer(clip: str, options: dict) -> dict:
-        key = (clip, tuple(sorted(options.items())))
-        with lock:
-            if key not in cache:
-                audio = engine.load_audio(fuzz_clips[clip])
-                opts = engine.parse_options({"beam_size": 3, **options})  # the server's default beam_size is 3
-                cache[key] = engine.caption([audio], [opts])[0].to_dict()
-            return cache[key]
-
-    return answer
-
-
-def fire_together(server, cases, clips):
-    barrier = threading.Barrier(len(cases))
-
-    def run(case):
-        barrier.wait()
-        return fuzz_cases.send(server, case, clips)
-
-    with ThreadPoolExecutor(len(cases)) as pool:
-        return list(pool.map(run, cases))
+    return fuzz_cases.lone_answers(CaptioningEngine.load(test_checkpoint_dir), fuzz_clips)
 
 
 def test_mixed_batches_never_hurt_the_server(ts_server, fuzz_clips, lone_answer):
@@ -68,7 +42,7 @@ def test_mixed_batches_never_hurt_the_server(ts_server, fuzz_clips, lone_answer)
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.lists(fuzz_cases.mixed_cases(sorted(fuzz_clips)), min_size=BATCH, max_size=BATCH))
     def batch(cases):
-        for case, response in zip(cases, fire_together(ts_server, cases, fuzz_clips)):
+        for case, response in zip(cases, fuzz_cases.fire_together(ts_server, cases, fuzz_clips)):
             outcomes[(case.kind, fuzz_cases.check(case, response, lone_answer))] += 1
 
     batch()

@@ -13,9 +13,7 @@ import argparse
 import collections
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,29 +38,11 @@ def main() -> None:
 
     engine = CaptioningEngine.load(args.checkpoint)
     outcomes, failures = collections.Counter(), []
-    cache, lock = {}, threading.Lock()
 
     with tempfile.TemporaryDirectory() as tmp, served(args.checkpoint) as server:
         clips = make_clips(Path(tmp))
 
-        def lone_answer(clip: str, options: dict) -> dict:
-            with lock:
-                key = (clip, tuple(sorted(options.items())))
-                if key not in cache:
-                    opts = engine.parse_options({"beam_size": 3, **options})
-                    cache[key] = engine.caption([engine.load_audio(clips[clip])], [opts])[0].to_dict()
-                return cache[key]
-
-        def fire(cases):
-            barrier = threading.Barrier(len(cases))
-
-            def run(case):
-                barrier.wait()
-                return fuzz_cases.send(server, case, clips)
-
-            with ThreadPoolExecutor(len(cases)) as pool:
-                return list(pool.map(run, cases))
-
+        lone_answer = fuzz_cases.lone_answers(engine, clips)
         pid = worker_pid(server)
         started = time.perf_counter()
 
@@ -70,7 +50,7 @@ def main() -> None:
                   suppress_health_check=list(HealthCheck))
         @given(st.lists(fuzz_cases.mixed_cases(sorted(clips)), min_size=BATCH, max_size=BATCH))
         def batch(cases):
-            for case, response in zip(cases, fire(cases)):
+            for case, response in zip(cases, fuzz_cases.fire_together(server, cases, clips)):
                 try:
                     outcomes[(case.kind, fuzz_cases.check(case, response, lone_answer))] += 1
                 except (AssertionError, ValueError) as error:  # record and go on: the figures are the point
