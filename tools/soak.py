@@ -2,7 +2,7 @@
 
     python tools/soak.py --checkpoint DIR [--requests 3000] [--concurrency 16] [--seed 0]
 
-Requests are drawn at random from a fixed mix (tools/../tests/fuzz_cases.py Case values): good ones in every
+Requests are drawn at random from a fixed mix (tests/fuzz_cases.py Case values): good ones in every
 request style (expected 200, and the same answer every time for the same case), bad ones (expected 400: invalid
 options, hostile number texts, junk audio, too many instances). Printed: unexpected statuses (must be 0), answers
 that changed between repeats (must be 0), latency p50/p99 per outcome, throughput, worker RSS and JVM RSS at
@@ -16,6 +16,7 @@ import collections
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import REPO_ROOT, served, worker_pid  # noqa: E402
+from served import served, worker_pid  # noqa: E402
 
 import fuzz_cases  # noqa: E402
 from audio_factory import make_audio  # noqa: E402
@@ -72,7 +73,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp, served(args.checkpoint) as server:
         clips = make_clips(Path(tmp))
         mix = request_mix(sorted(clips))

@@ -23,10 +23,10 @@ ENGINE_VERSION = "1.0.0"
 
 # ---- Work of one item, so that no accepted batch can overrun TorchServe's responseTimeout or the memory limit ----
 # Upper estimates for the documented hardware (2 dedicated CPU cores, 2 torch threads, full-size model: ConvNeXt
-# 3,3,9,3, 6 decoder layers, d_model 256), from tools/bench_batch_work.py (docs/reliability.md "Work per batch").
-# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.021 s per audio second on an idle host, 0.028
-# (CPU time / 2 threads) in a batch of 64 x 30 s clips on a busy one.
-ENCODE_S_PER_AUDIO_S = 0.03
+# 3,3,9,3, 6 decoder layers, d_model 256), from tools/bench_batch_work.py (docs/reliability.md "Limits and the work of one batch").
+# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.021 s per audio second on an idle host; 0.028
+# and 0.035 (CPU time / 2 threads) in batches of 64 and 48 x 30 s clips on a busy one.
+ENCODE_S_PER_AUDIO_S = 0.035
 # Beam search: a fixed cost per step (0.002 s measured) and a cost per live hypothesis per step, which grows with
 # the number of hypotheses in the batch (memory-bound: every hypothesis reads its own cross-attention keys/values):
 # 0.45 ms with 16 hypotheses, 2.9 ms (CPU time / 2 threads) with 256. min_pred_size = max_pred_size forces every
@@ -40,9 +40,9 @@ BYTES_PER_HYPOTHESIS_FRAME = 12 * 1024
 ENCODER_FRAMES_PER_S = 100 / 32
 
 # Defaults for TorchServe's batchSize 8 and responseTimeout 120 s in a 4 GiB pod: a whole batch of 8 requests at
-# their limit is at most 72 s of compute (60 % of responseTimeout) and 1 GiB of beam-search memory on top of the
-# worker's ~2 GiB peak. Eight 30 s clips at the default options (beam 3, 20 tokens: 8.96 s) fit in one request.
-DEFAULT_REQUEST_WORK_S = 72.0 / 8
+# their limit is at most 84 s of compute (70 % of responseTimeout) and 1 GiB of beam-search memory on top of the
+# worker's ~2 GiB peak. Eight 30 s clips at the default options (beam 3, 20 tokens: 10.2 s) fit in one request.
+DEFAULT_REQUEST_WORK_S = 84.0 / 8
 DEFAULT_REQUEST_BEAM_BYTES = 1024**3 // 8
 
 
