@@ -58,7 +58,8 @@ def send(server, case: Case, clips: dict[str, bytes]):
                               json={"instances": [{"audio": {"b64": b64(a)}, **options} for a in audios]})
     if case.style == "v2":
         return server.request("POST", f"/v2/models/{server.model_name}/infer", json={
-            "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [len(audios)], "data": [b64(a) for a in audios]}],
+            "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [len(audios)],
+                        "data": [b64(a) for a in audios]}],
             "parameters": options})
     raise ValueError(case.style)
 
@@ -112,7 +113,8 @@ BAD_NUMBER = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=["Nd"]), min_size=1, max_size=20).filter(
         lambda t: not t.strip().lstrip("+-.").replace(".", "").replace("e", "").isdigit()),
     st.integers(min_value=10**3, max_value=10**400), st.integers(max_value=-1),
-    st.booleans(), st.none(), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -195,7 +197,7 @@ def check(case: Case, response, lone_answer) -> str:
     assert case.kind != "bad", f"{case}: bad request answered {status}: {response.text[:300]}"
     if case.kind == "good":
         options = dict(case.options)
-        answers = {"v1": lambda: body["predictions"], "v2": lambda: v2_answers(body)}.get(case.style, lambda: [body])()
+        answers = answers_of(case, body)
         assert len(answers) == len(case.clips)
         for clip, got in zip(case.clips, answers):
             assert_same_answer(got, lone_answer(clip, options))
@@ -205,7 +207,12 @@ def check(case: Case, response, lone_answer) -> str:
     return f"{status}"
 
 
-def v2_answers(body: dict) -> list[dict]:
+def answers_of(case: Case, body: dict) -> list[dict]:
+    """The per-clip answers of a 200 body, whatever the request style (v2: caption, score and tags only)."""
+    if case.style == "v1":
+        return body["predictions"]
+    if case.style != "v2":
+        return [body]
     outputs = {output["name"]: output["data"] for output in body["outputs"]}
     return [{"caption": c, "score": s, "tags": json.loads(t)}
             for c, s, t in zip(outputs["caption"], outputs["score"], outputs["tags"])]

@@ -35,7 +35,8 @@ def tone(tmp_path_factory) -> bytes:
 def float_wav(tmp_path, name: str, gain: str) -> bytes:
     """A 32-bit float WAV made by FFmpeg with its samples scaled by `gain` (float PCM does not clip)."""
     path = tmp_path / f"{name}.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=1.5:sample_rate=16000",
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi",
+                    "-i", "sine=frequency=440:duration=1.5:sample_rate=16000",
                     "-af", f"volume={gain}", "-c:a", "pcm_f32le", str(path)], check=True, capture_output=True)
     return path.read_bytes()
 

@@ -1,6 +1,7 @@
 """Check the engine's work model (conette_engine.engine.item_work) against measurements on this host.
 
-    python tools/bench_batch_work.py --checkpoint DIR [--threads 2] [--batch-size 8] [--cases calibrate,time,decode,memory]
+    python tools/bench_batch_work.py --checkpoint DIR [--threads 2] [--batch-size 8]
+        [--cases calibrate,time,decode,memory]
 
 Calibration measures the constants of the work model (encoder seconds per audio second, beam-search seconds per
 step and per hypothesis-step, decoder bytes per hypothesis-frame) and prints them next to the engine's. Then each
@@ -94,7 +95,8 @@ def run_case(args, name: str) -> dict:
     rss_before = peak_rss_mib()
     _, wall, cpu = timed(lambda: engine.caption([a for a, _ in items], [o for _, o in items]))
     return {"case": name, "requests": args.batch_size, "clips": len(items), "options": values,
-            "estimate_s": sum(w.seconds for w in estimate), "estimate_beam_mib": sum(w.beam_bytes for w in estimate) / 2**20,
+            "estimate_s": sum(w.seconds for w in estimate),
+            "estimate_beam_mib": sum(w.beam_bytes for w in estimate) / 2**20,
             "wall_s": wall, "cpu_s": cpu, "peak_rss_mib_before": rss_before, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -118,7 +120,8 @@ def main() -> None:
                               "--batch-size", str(args.batch_size), "--one-case", name],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{r['case']:7s} {r['requests']} requests, {r['clips']} clips x {CLIP_S:g} s, {r['options'] or 'defaults'}: "
+        print(f"{r['case']:7s} {r['requests']} requests, {r['clips']} clips x {CLIP_S:g} s, "
+              f"{r['options'] or 'defaults'}: "
               f"estimate {r['estimate_s']:.1f} s / {r['estimate_beam_mib']:.0f} MiB beam memory; "
               f"measured wall {r['wall_s']:.1f} s, cpu {r['cpu_s']:.1f} s, "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB (after loading: {r['peak_rss_mib_before']:.0f} MiB)", flush=True)
