@@ -25,7 +25,7 @@ ENGINE_VERSION = "1.0.0"
 # Upper estimates for the documented hardware (2 dedicated CPU cores, 2 torch threads, full-size model: ConvNeXt
 # 3,3,9,3, 6 decoder layers, d_model 256), from tools/bench_batch_work.py (docs/reliability.md, "Limits and the
 # work of one batch").
-# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.021 s per audio second on an idle host; 0.028
+# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.017-0.021 s per audio second on a quiet host; 0.028
 # and 0.035 (CPU time / 2 threads) in batches of 64 and 48 x 30 s clips on a busy one.
 ENCODE_S_PER_AUDIO_S = 0.035
 # Beam search: a fixed cost per step (0.002 s measured) and a cost per live hypothesis per step, which grows with
