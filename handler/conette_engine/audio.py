@@ -20,6 +20,7 @@ states the limit:
     empty_audio              no samples
     audio_too_long           longer than max_duration_s (a setting, DEFAULT_MAX_DURATION_S)
     non_finite_audio         NaN or infinite samples (tensors; decoders may produce them too)
+    audio_out_of_range       a sample beyond +/-MAX_ABS_SAMPLE (float WAVs and tensors can hold any value)
     audio_too_short          fewer than MIN_SAMPLES samples at 32 kHz after resampling
 
 Durations are checked before any expensive work: the container header's duration before
@@ -59,6 +60,12 @@ MAX_SAMPLE_RATE = 384_000
 # 7.1 surround is the most any common format carries. Every channel is resampled before the
 # down-mix (the reference's order), so channels multiply memory and time.
 MAX_CHANNELS = 8
+
+# Decoded PCM lies in [-1, 1]; float WAVs and tensors may hold anything. The log-mel power (STFT magnitude
+# squared, float32) overflows to inf once |sample| nears 1e17 (measured: finite up to 1e17, NaN caption, score and
+# tags at 1e19), so clips are refused far below that: 1000 is 60 dB above full scale, more than any real float
+# recording, and keeps the power below 1e14 times its full-scale value.
+MAX_ABS_SAMPLE = 1000.0
 
 # The model was trained on 1-30 s clips; the engine's max_duration_s setting defaults to this.
 DEFAULT_MAX_DURATION_S = 30.0
@@ -182,6 +189,13 @@ def prepare_waveform(waveform: Tensor, sample_rate: int, max_duration_s: float) 
     waveform = waveform.detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(waveform).all():
         raise AudioError("the audio contains NaN or infinite samples", type="non_finite_audio")
+    peak = float(waveform.abs().max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(
+            f"the audio has a sample of magnitude {peak:.3g}; samples must lie within +/-{MAX_ABS_SAMPLE:g} "
+            "(audio is expected in [-1, 1])",
+            type="audio_out_of_range",
+        )
 
     if sample_rate != SAMPLE_RATE:
         waveform = _resampler(sample_rate, SAMPLE_RATE)(waveform)
