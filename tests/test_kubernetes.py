@@ -837,7 +837,7 @@ def test_kserve_front_answers_health_routes_and_forwards_inference(tmp_path, mod
         assert [getattr(r, "status_code", repr(r)) for r, _ in results] == [200] * 6
         assert all(r.json()["outputs"] for r, _ in results)
         bad = requests.post(f"{front}/v2/models/{MODEL_NAME}/infer", json={"inputs": "nope"}, timeout=60)
-        assert bad.status_code == 400 and bad.json()["error"]["type"], bad.text
+        assert bad.status_code == 400 and bad.json()["type"] == "invalid_request", bad.text
         sizes = {m.group(1): float(m.group(2)) for m in re.finditer(r"^BatchSize_(sum|count)\{.*\} (\S+)$",
                                                                      server.metrics_text(), re.M)}
         assert sizes["sum"] > sizes["count"], f"no batch held more than one request: {sizes}"
