@@ -38,7 +38,7 @@ def engine(dev_model) -> CaptioningEngine:
 
 @pytest.fixture(scope="module")
 def recording(engine):
-    return engine.load_audio(RECORDING, segmented=True)
+    return engine.load_audio(RECORDING, options=DecodingOptions(task="clotho", segment_s=25.0))
 
 
 # ------------------------------------------------------------------------------------------- the window rule
@@ -140,13 +140,25 @@ def test_segmented_clips_have_their_own_limit(engine, dev_model):
     assert "the maximum is 30 s" in error.value.message and "segment_s" in error.value.message
     assert "--segment" in error.value.message
 
-    assert engine.load_audio(RECORDING, segmented=True).duration_s == pytest.approx(75.6, abs=0.05)
+    segmented = DecodingOptions(task="clotho", segment_s=10.0)
+    assert engine.load_audio(RECORDING, options=segmented).duration_s == pytest.approx(75.6, abs=0.05)
     short_limit = CaptioningEngine.load(dev_model, max_segmented_duration_s=60.0)
     with pytest.raises(AudioError) as error:
-        short_limit.load_audio(RECORDING.read_bytes(), segmented=True)
+        short_limit.load_audio(RECORDING.read_bytes(), options=segmented)
     assert error.value.type == "audio_too_long"
+    assert "75.6 s long (from its header)" in error.value.message
     assert "maximum for segmented captioning (segment_s) is 60 s" in error.value.message
     assert "caption CLI (scripts/caption.py --segment S)" in error.value.message
+
+
+def test_overlapping_windows_lower_the_segmented_limit(dev_model):
+    """The limit bounds the audio the encoder sees: hop_s = segment_s / 2 halves the longest clip."""
+    engine = CaptioningEngine.load(dev_model, max_segmented_duration_s=120.0)
+    assert engine.load_audio(RECORDING, options=DecodingOptions(task="clotho", segment_s=10.0, hop_s=7.5))
+    with pytest.raises(AudioError) as error:
+        engine.load_audio(RECORDING, options=DecodingOptions(task="clotho", segment_s=10.0, hop_s=5.0))
+    assert error.value.type == "audio_too_long"
+    assert "is 60 s" in error.value.message and "hop_s 5 < segment_s 10" in error.value.message
 
 
 # ------------------------------------------------------------------------------------ reference goldens

@@ -11,11 +11,11 @@ Pipeline stages, one module each:
 
 Public API (what the handler and the scripts use):
 
-    engine = CaptioningEngine.load(model_dir, device="cpu", max_duration_s=30.0, max_segmented_duration_s=600.0)
+    engine = CaptioningEngine.load(model_dir, device="cpu", max_duration_s=30.0, max_segmented_duration_s=300.0)
     engine.tasks                 # list[str], from the checkpoint's config, first = default
     engine.checkpoint_sha256     # str
     opts = engine.parse_options(mapping)   # DecodingOptions.parse with the checkpoint's defaults; OptionError
-    audio = engine.load_audio(source, sample_rate=None, segmented=opts.segmented)  # bytes|str|Path|Tensor
+    audio = engine.load_audio(source, sample_rate=None, options=opts)  # bytes|str|Path|Tensor; limits by opts
     results = engine.caption([audio, ...], [opts, ...], timings=None)  # -> list[CaptionResult] (whole clips)
     # timings, when given a dict, gets seconds per stage: "logmel", "encoder", "beam_search"
     results[i].to_dict()         # JSON-ready: caption, score, candidates, task, tags, audio

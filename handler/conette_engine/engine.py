@@ -14,16 +14,18 @@ from torch import Tensor
 from . import audio as audio_io
 from .checkpoint import Checkpoint, load_checkpoint
 from .decoding import BeamResult, DecodingOptions, beam_search
-from .errors import CheckpointError, OptionError
+from .errors import AudioError, CheckpointError, OptionError
 from .model import CoNeTTE, ModelDimensions
 from .segments import Span, segment_bounds
 
 
 ENGINE_VERSION = "1.1.0"
 
-# Longest clip accepted for segmented captioning (segment_s). Bounds the work of one request: with the densest
-# hop (MAX_WINDOW_OVERLAP) the encoder sees 4x this much audio. See docs/long-recordings.md for the measurements.
-DEFAULT_MAX_SEGMENTED_DURATION_S = 600.0
+# Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
+# (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
+# what a clip of its length costs: 8 requests of 300 s (batchSize 8) are ~60 s of work on 2 cores with the
+# full-size model, half of responseTimeout (docs/long-recordings.md has the measurements).
+DEFAULT_MAX_SEGMENTED_DURATION_S = 300.0
 
 
 @dataclass
@@ -151,11 +153,25 @@ class CaptioningEngine:
     def parse_options(self, values) -> DecodingOptions:
         return DecodingOptions.parse(values, tasks=self.tasks, defaults=self.defaults)
 
-    def load_audio(self, source, sample_rate: int | None = None, segmented: bool = False) -> audio_io.DecodedAudio:
-        """segmented: the clip is for segmented captioning (options.segmented), limited to max_segmented_duration_s
-        instead of max_duration_s."""
-        limit = self.max_segmented_duration_s if segmented else self.max_duration_s
-        return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=limit, segmented=segmented)
+    def load_audio(self, source, sample_rate: int | None = None, options: DecodingOptions | None = None
+                   ) -> audio_io.DecodedAudio:
+        """Decode and validate one clip for the options it will be captioned with.
+
+        Whole clips are limited to max_duration_s. Segmented ones (options.segment_s) to max_segmented_duration_s
+        times hop_s / segment_s: overlapping windows encode each moment more than once.
+        """
+        if options is None or not options.segmented:
+            return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=self.max_duration_s)
+        hop_s = options.hop_s or options.segment_s
+        limit = self.max_segmented_duration_s * min(1.0, hop_s / options.segment_s)
+        try:
+            return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=limit, segmented=True)
+        except AudioError as error:
+            if error.type != "audio_too_long" or hop_s >= options.segment_s:
+                raise
+            raise AudioError(
+                f"{error.message} (windows overlapping with hop_s {hop_s:g} < segment_s {options.segment_s:g} lower "
+                f"the limit of {self.max_segmented_duration_s:g} s in proportion)", type=error.type) from None
 
     @torch.inference_mode()
     def encode(self, waveforms: list[Tensor], timings: dict | None = None) -> tuple[list[Tensor], list[Tensor]]:
