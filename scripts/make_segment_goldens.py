@@ -19,9 +19,9 @@ sha256 and the window configurations.
 
 import argparse
 import hashlib
+import io
 import json
 import lzma
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +59,7 @@ CONFIGS = [
 
 def scene_filter(name: str, seconds: float, speech_inputs: dict[str, int]) -> str:
     rate = 44100
-    if name.startswith("speech") or name.startswith("quiet_speech"):
+    if name.startswith(("speech", "quiet_speech")):
         bed = ("anoisesrc=c=pink:a=0.08" if name.startswith("speech0") else
                "anoisesrc=c=white:a=0.03" if name == "speech2" else "anoisesrc=c=brown:a=0.01")
         index = speech_inputs[name.split("_")[-1]]
@@ -87,7 +87,7 @@ def make_recording(out: Path, work: Path) -> list[str]:
     speech_inputs = {f"speech{i}": i for i in range(len(SPEECH))}
     graph = ";".join(scene_filter(name, seconds, speech_inputs) for name, seconds in SCENES)
     graph += ";" + "".join(f"[{name}]" for name, _ in SCENES) + f"concat=n={len(SCENES)}:v=0:a=1,"
-    graph += "aformat=channel_layouts=stereo,atrim=0:{0}[a]".format(DURATION_S)
+    graph += f"aformat=channel_layouts=stereo,atrim=0:{DURATION_S}[a]"
     command = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
     for wav in speech_files:
         command += ["-i", str(wav)]
@@ -138,11 +138,9 @@ def pack(work: Path) -> None:
     for path in sorted((work / "goldens").glob("config*_window*.pt")):
         golden = torch.load(path, weights_only=False)
         goldens[path.stem] = {k: v for k, v in golden["outputs"].items() if k in OUTPUT_KEYS}
-    import io
     buffer = io.BytesIO()
     torch.save(goldens, buffer)
     (FIXTURES / "goldens.pt.xz").write_bytes(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
-    shutil.copy(work / "goldens" / "summary.json", work / "summary.copy.json")
     print(f"{len(goldens)} window goldens -> {FIXTURES / 'goldens.pt.xz'}")
 
 

@@ -35,8 +35,8 @@ Errors a client caused are InputError subclasses (AudioError, OptionError) with 
 from .audio import AudioStream, DecodedAudio, load_audio
 from .decoding import DecodingOptions
 from .engine import CaptioningEngine, CaptionResult, Segment, SegmentedResult
-from .segments import Window, segment_bounds, stream_windows
 from .errors import AudioError, CheckpointError, InputError, OptionError, UnsafePickleError
+from .segments import Window, segment_bounds, stream_windows
 
 __all__ = [
     "AudioError", "AudioStream", "CaptionResult", "CaptioningEngine", "CheckpointError", "DecodedAudio",
