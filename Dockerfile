@@ -8,6 +8,8 @@
 #   PyTorch's CUDA wheels carry the CUDA runtime, cuBLAS, cuDNN and NCCL as nvidia-* pip packages; the node's
 #   NVIDIA container toolkit adds the driver (NVIDIA_DRIVER_CAPABILITIES below). An nvidia/cuda base would
 #   only duplicate those libraries, and its Ubuntu has no Python 3.11 (BASE_IMAGE must provide python3 3.11).
+#   The cu130 wheels need an NVIDIA driver >= 580 on the node (CUDA 13.0's minimum on Linux; older drivers
+#   fail at the first CUDA call, "driver version is insufficient").
 #
 # The model: every archive or no-archive directory in model_store/ at build time is baked into
 # /opt/conette/model-store (run `make mar` first). Built from a clean checkout the store is empty and the
@@ -17,7 +19,9 @@
 # On machines without a Docker engine or registry access, scripts/build_image.sh builds this file with podman
 # from a locally debootstrapped Debian bookworm (BASE_IMAGE), with PIP_EXTRA_ARGS for the local CA and wheels.
 
-ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
+# Pinned by digest (the tag alone moves with every Debian point release): a rebuild gets the same base until
+# this line is changed on purpose. Refresh with `docker buildx imagetools inspect debian:bookworm-slim`.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 FROM ${BASE_IMAGE}
 
 # PyTorch index for the torch wheel only. PyPI's Linux x86_64 torch is the CUDA build (several GB of
@@ -54,10 +58,17 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install $PIP_EXTRA_ARGS -r /opt/conette/requirements.txt \
     && python -c 'import torch, torchaudio, torchcodec, ts; print("torch", torch.__version__)'
 
-# Sources: the handler (also packed inside every .mar) and the scripts, so that the same image can run as
-# an init container that fetches, converts and archives the weights into the model-store volume.
+# Sources: the handler (also packed inside every .mar), the build scripts and the installed packages
+# (conette_engine, conette_client with conette-fetch-weights / conette-manage), so that the same image can run
+# as an init container that fetches, converts and archives the weights into the model-store volume.
+# tools/ holds the test-checkpoint maker that scripts/build_image.sh runs inside the image.
+COPY pyproject.toml README.md /opt/conette/
 COPY handler/ /opt/conette/handler/
+COPY client/ /opt/conette/client/
 COPY scripts/ /opt/conette/scripts/
+COPY tools/make_test_checkpoint.py /opt/conette/tools/make_test_checkpoint.py
+RUN pip install $PIP_EXTRA_ARGS --no-deps /opt/conette \
+    && conette-manage --help >/dev/null
 COPY metrics.yaml /opt/conette/config/metrics.yaml
 COPY kubernetes/base/config.properties kubernetes/base/log4j2.xml /opt/conette/config/
 COPY kubernetes/image/torchserve_pod.py /opt/conette/bin/torchserve_pod.py
@@ -84,10 +95,13 @@ WORKDIR /home/model-server
 # config.properties: use it with `kubectl exec` / `docker exec`, never through a published port.
 EXPOSE 8080 8082
 
-# torchserve --foreground stays attached to the Java frontend: if the server dies the container ends.
-# tini is PID 1 because a Python PID 1 without a SIGTERM handler would ignore SIGTERM; graceful stop
-# (drain, then `torchserve --stop`) is torchserve_pod.py's `stop`, the Kubernetes preStop hook.
+# PID 1 is tini (reaps zombies, forwards SIGTERM); its child is torchserve_pod.py serve, which runs
+# `torchserve --foreground` in its own session and, on SIGTERM (`docker stop -t`, `podman stop -t`, the
+# kubelet), lets the queue and the running batch finish before stopping TorchServe: a plain SIGTERM to the
+# Java frontend resets every request in flight. tini without -g: a signal to the whole group is what the
+# entry point's own session keeps away from the frontend anyway. If TorchServe dies the container ends.
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["torchserve", "--foreground", "--ncs", \
+CMD ["/usr/bin/python3", "/opt/conette/bin/torchserve_pod.py", "serve", "--", \
+     "torchserve", "--foreground", "--ncs", \
      "--ts-config", "/opt/conette/config/config.properties", \
      "--log-config", "/opt/conette/config/log4j2.xml"]

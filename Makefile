@@ -1,14 +1,11 @@
-# conette-serve: CoNeTTE audio captioning on TorchServe.
-#
-#   make serve [CHECKPOINT=dir]   set up everything, build the .mar, start TorchServe in the background, wait until
-#                                 a worker is READY (8080 inference, 8081 management, 8082 metrics)
-#   make stop                     stop it
-#   make test                     the whole test suite (starts its own TorchServe on 18080-18082)
-#
-# Other targets: install, weights, mar [CHECKPOINT=dir], mar-dir [CHECKPOINT=dir], bench.
-# CHECKPOINT: a folder in the official format (config.json + pytorch_model.bin) or the serving format
-# (config.json + model.safetensors + vocab.json); default: the official weights fetched into weights/conette.
-# Every step is skipped when its outputs are newer than its inputs.
+# `make` (or `make help`) prints the "## " lines below and each target's "## " description.
+## conette-serve: CoNeTTE audio captioning on TorchServe.
+##
+## CHECKPOINT=dir: a folder in the official format (config.json + pytorch_model.bin) or the serving format
+## (config.json + model.safetensors + vocab.json); default: the official weights fetched into weights/conette.
+## Addresses and ports are config.properties' (8080 inference, 8081 management, 8082 metrics by default).
+## Every step is skipped when its outputs are newer than its inputs. The user commands are in docs/commands.md.
+##
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -26,8 +23,11 @@ MAR_DIR := $(MODEL_STORE)/conette
 CHECKPOINT_RECORD := build/checkpoint-path
 READY_TIMEOUT_S ?= 300
 TS_PID_FILE := $(or $(TEMP),$(TMPDIR),/tmp)/.model_server.pid
+TS_CONFIG := config.properties
+# This checkout's packages first: a virtualenv shared by several checkouts may have another one installed.
+CHECKOUT_PYTHON := PYTHONPATH=$(CURDIR)/client:$(CURDIR)/handler$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON)
 
-MAR_INPUTS := handler/conette_handler.py handler/model-config.yaml scripts/build_mar.sh \
+MAR_INPUTS := handler/conette_handler.py handler/model-config.yaml scripts/build_mar.sh handler/conette_engine/VERSION \
 	$(wildcard handler/conette_engine/*.py handler/conette_engine/data/*) \
 	$(wildcard $(addprefix $(CHECKPOINT)/,config.json pytorch_model.bin model.safetensors vocab.json)) \
 	$(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/pytorch_model.bin) \
@@ -38,12 +38,13 @@ APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
 .PHONY: help install system-packages weights mar mar-dir serve stop test bench FORCE
 
-help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+help: ## this list
+	@awk -F ':.*## ' '/^## ?/ { sub(/^## ?/, ""); print; next } /^[a-z-]+:.*## / { printf "  make %-16s %s\n", $$1, $$2 }' \
+		$(firstword $(MAKEFILE_LIST))
 
-install: system-packages $(VENV_STAMP)
+install: system-packages $(VENV_STAMP) ## Debian packages (FFmpeg, SoX, espeak-ng, Java 17), the virtualenv, this project (editable)
 
-system-packages:
+system-packages: ## only the Debian packages
 	@missing="$$(for tool in $(APT_PACKAGES); do command -v $$tool >/dev/null || echo $$tool; done)"; \
 	command -v java >/dev/null || missing="$$missing default-jre-headless"; \
 	if [ -n "$$missing" ]; then \
@@ -51,58 +52,53 @@ system-packages:
 		$(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(VENV_STAMP): requirements.txt requirements-dev.txt
+# The pinned lists first, then the project itself (its dependencies are requirements.txt, already installed):
+# editable, so that the conette-* commands run this checkout's code; no build isolation, so no download.
+$(VENV_STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-weights: $(DEFAULT_CHECKPOINT)/pytorch_model.bin
+weights: $(DEFAULT_CHECKPOINT)/pytorch_model.bin ## fetch and verify the official checkpoint into weights/conette
 
 $(DEFAULT_CHECKPOINT)/pytorch_model.bin: | $(VENV_STAMP)
-	$(PYTHON) scripts/fetch_weights.py --out $(DEFAULT_CHECKPOINT)
+	$(CHECKOUT_PYTHON) -m conette_client.fetch_weights --out $(DEFAULT_CHECKPOINT)
 
 $(CHECKPOINT_RECORD): FORCE
 	@mkdir -p $(dir $@)
 	@echo "$(abspath $(CHECKPOINT))" | cmp -s - $@ || echo "$(abspath $(CHECKPOINT))" > $@
 
-mar: $(MAR)
+mar: $(MAR) ## build model_store/conette.mar from CHECKPOINT
 
 $(MAR): $(MAR_INPUTS) | $(VENV_STAMP)
 	PYTHON=$(PYTHON) scripts/build_mar.sh $(CHECKPOINT) $(MODEL_STORE)
 
-# The unpacked model directory (torch-model-archiver --archive-format no-archive), for volume mounts (Kubernetes).
-mar-dir: $(MAR_DIR)/MAR-INF/MANIFEST.json
+mar-dir: $(MAR_DIR)/MAR-INF/MANIFEST.json ## the unpacked model directory model_store/conette/, for volume mounts
 
 $(MAR_DIR)/MAR-INF/MANIFEST.json: $(MAR_INPUTS) | $(VENV_STAMP)
 	PYTHON=$(PYTHON) scripts/build_mar.sh $(CHECKPOINT) $(MODEL_STORE) --no-archive
 
 # Started from the repository root: config.properties' relative paths, logs/ and key_file.json live here.
-serve: system-packages $(MAR)
+serve: system-packages $(MAR) ## set up everything, build the .mar, start TorchServe in the background, wait for a READY worker
 	@if [ -f $(TS_PID_FILE) ] && kill -0 "$$(cat $(TS_PID_FILE))" 2>/dev/null; then \
 		echo "TorchServe is already running (make stop, then make serve, to restart it)"; \
 	else \
-		mkdir -p logs; $(TORCHSERVE) --start --ncs --ts-config config.properties > logs/start.txt 2>&1 \
+		mkdir -p logs; $(TORCHSERVE) --start --ncs --ts-config $(TS_CONFIG) > logs/start.txt 2>&1 \
 			|| { cat logs/start.txt; exit 1; }; \
 	fi
 	@echo "waiting for a READY worker (logs in logs/)..."
-	@for i in $$(seq $(READY_TIMEOUT_S)); do \
-		if $(PYTHON) scripts/manage.py --json describe 2>/dev/null | grep -q '"status": "READY"'; then \
-			echo "conette is READY: http://127.0.0.1:8080/predictions/conette (inference key in key_file.json)"; \
-			exit 0; \
-		fi; \
-		sleep 1; \
-	done; \
-	echo "no READY worker after $(READY_TIMEOUT_S) s; see logs/model_log.log" >&2; exit 1
+	@$(CHECKOUT_PYTHON) -m conette_client.manage --config $(TS_CONFIG) --timeout $(READY_TIMEOUT_S) wait-ready \
+		|| { echo "see logs/model_log.log" >&2; exit 1; }
 
-stop: | $(VENV_STAMP)
+stop: | $(VENV_STAMP) ## stop the TorchServe that make serve started
 	$(TORCHSERVE) --stop
 
-test: install
+test: install ## the whole test suite (it starts its own TorchServe on free ports, 18080-18082 when free)
 	$(PYTHON) -m pytest
 
-# Latency at concurrency 1 and throughput at concurrency 8, the running server vs the in-process engine.
-bench: serve
-	$(PYTHON) scripts/bench_model.py --checkpoint $(CHECKPOINT)
-	$(PYTHON) scripts/bench_server.py --checkpoint $(CHECKPOINT)
+bench: serve ## engine stages and GFLOP/s, then the running server vs the in-process engine (latency, throughput)
+	$(CHECKOUT_PYTHON) tools/bench_model.py --checkpoint $(CHECKPOINT)
+	$(CHECKOUT_PYTHON) tools/bench_server.py --checkpoint $(CHECKPOINT)
 
 FORCE:

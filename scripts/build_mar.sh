@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Package a CoNeTTE checkpoint and the handler into a TorchServe model archive.
-#
-#   scripts/build_mar.sh CHECKPOINT_DIR [EXPORT_DIR] [--no-archive]
-#
-# CHECKPOINT_DIR: official Hugging Face format (config.json + pytorch_model.bin) or serving format
-#   (config.json + model.safetensors + vocab.json). Official checkpoints are converted to the serving format
-#   first (scripts/convert_checkpoint.py), so the archive holds no pickle.
-# EXPORT_DIR: where conette.mar (or, with --no-archive, the conette/ directory for volume mounts) is written;
-#   default model_store/.
-# Environment: PYTHON (default .venv/bin/python if present), MODEL_NAME (conette), MODEL_VERSION (1.0).
+# Package a CoNeTTE checkpoint and the handler into a TorchServe model archive (usage below, or --help).
 set -euo pipefail
+
+usage="usage: scripts/build_mar.sh CHECKPOINT_DIR [EXPORT_DIR] [--no-archive]
+
+Package a CoNeTTE checkpoint and the handler into a TorchServe model archive.
+
+CHECKPOINT_DIR: official Hugging Face format (config.json + pytorch_model.bin) or serving format
+  (config.json + model.safetensors + vocab.json). Official checkpoints are converted to the serving format
+  first (scripts/convert_checkpoint.py), so the archive holds no pickle.
+EXPORT_DIR: where conette.mar (or, with --no-archive, the conette/ directory for volume mounts) is written;
+  default model_store/.
+Environment: PYTHON (default .venv/bin/python if present), MODEL_NAME (conette), MODEL_VERSION (default:
+  handler/conette_engine/VERSION, the project's version)."
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 archive_format=default
@@ -17,18 +20,18 @@ positional=()
 for arg in "$@"; do
     case "$arg" in
         --no-archive) archive_format=no-archive ;;
-        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) echo "$usage"; exit 0 ;;
         *) positional+=("$arg") ;;
     esac
 done
 if [ "${#positional[@]}" -lt 1 ] || [ "${#positional[@]}" -gt 2 ]; then
-    echo "usage: $0 CHECKPOINT_DIR [EXPORT_DIR] [--no-archive]" >&2
+    echo "${usage%%$'\n'*}" >&2
     exit 2
 fi
 checkpoint_dir="$(cd "${positional[0]}" && pwd)"
 export_dir="${positional[1]:-$repo_root/model_store}"
 model_name="${MODEL_NAME:-conette}"
-model_version="${MODEL_VERSION:-1.0}"
+model_version="${MODEL_VERSION:-$(cat "$repo_root/handler/conette_engine/VERSION")}"
 if [ -z "${PYTHON:-}" ]; then
     PYTHON=python3
     [ -x "$repo_root/.venv/bin/python" ] && PYTHON="$repo_root/.venv/bin/python"
@@ -47,7 +50,8 @@ if [ -f "$checkpoint_dir/model.safetensors" ] && [ -f "$checkpoint_dir/vocab.jso
         "$staging/files/"
 elif [ -f "$checkpoint_dir/pytorch_model.bin" ]; then
     echo "converting $checkpoint_dir (official format) to the serving format"
-    "$PYTHON" "$repo_root/scripts/convert_checkpoint.py" "$checkpoint_dir" "$staging/files"
+    PYTHONPATH="$repo_root/handler${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PYTHON" "$repo_root/scripts/convert_checkpoint.py" "$checkpoint_dir" "$staging/files"
 else
     echo "error: $checkpoint_dir holds neither model.safetensors + vocab.json nor pytorch_model.bin" >&2
     exit 1

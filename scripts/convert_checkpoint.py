@@ -3,19 +3,18 @@
 
     python scripts/convert_checkpoint.py SRC_DIR DST_DIR
 
+It imports conette_engine: installed (make install) or from handler/ (PYTHONPATH=handler, as build_mar.sh runs it).
+
 The tensors are loaded with torch.load(weights_only=True) and the vocabulary pickle with a plain-data-only
 unpickler; the result is checked by loading it back and comparing every tensor and token bit for bit.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
-
-from conette_engine.checkpoint import load_checkpoint, save_serving_checkpoint  # noqa: E402
+from conette_engine.checkpoint import load_checkpoint, save_serving_checkpoint
 
 
 def convert(src: Path, dst: Path) -> None:

@@ -2,7 +2,7 @@
 
 Fixtures for any test module:
 
-    test_checkpoint_dir   official-format checkpoint made by scripts/make_test_checkpoint.py (session, tmp dir);
+    test_checkpoint_dir   official-format checkpoint made by tools/make_test_checkpoint.py (session, tmp dir);
                           set CONETTE_TEST_CHECKPOINT=/path to use another checkpoint folder (official or serving)
     model_store_dir       a model store holding conette.mar built from it by scripts/build_mar.sh (session)
     ts_server             a running TorchServe (session), stopped cleanly at the end (asserts no process is left)
@@ -33,55 +33,43 @@ picked instead: always use the URL attributes, never hard-coded ports.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
+from conette_client.files import free_ports
+from conette_client.keys import KeyFileError, read_keys
+from conette_client.torchserve import NotReadyError, describe_model, read_properties, wait_until_ready, workers_of
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "conette"
 TEST_PORTS = {"inference": 18080, "management": 18081, "metrics": 18082, "grpc_inference": 17070,
               "grpc_management": 17071}
 STARTUP_TIMEOUT_S = 240
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_ports(preferred: dict[str, int] = TEST_PORTS) -> dict[str, int]:
-    """The preferred ports when all are free, else free ones the kernel picks (another run may hold ours)."""
-    if all(port_is_free(port) for port in preferred.values()):
-        return dict(preferred)
-    ports = {}
-    sockets = []
-    for name in preferred:  # keep every probe bound until all are chosen, so no two names get the same port
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        sockets.append(probe)
-        ports[name] = probe.getsockname()[1]
-    for probe in sockets:
-        probe.close()
-    return ports
 VENV_BIN = Path(sys.executable).parent
 
 
+def checkout_env(**overrides: str) -> dict[str, str]:
+    """The environment for a subprocess that runs this checkout's code (python -m conette_client.caption,
+    tools/, scripts/): pytest's `pythonpath` reaches only this process, a shared virtualenv may hold another
+    checkout's editable install."""
+    own = os.pathsep.join(str(REPO_ROOT / folder) for folder in ("handler", "client", "tools"))
+    inherited = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": own + (os.pathsep + inherited if inherited else ""), **overrides}
+
+
 def run_checked(command: list, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", checkout_env())
     completed = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed ({completed.returncode}):\n"
@@ -89,22 +77,12 @@ def run_checked(command: list, **kwargs) -> subprocess.CompletedProcess:
     return completed
 
 
-def read_properties(path: Path) -> dict[str, str]:
-    properties = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
-    return properties
-
-
 @dataclass
 class TorchServeInstance:
     workdir: Path
     model_store: Path
     model_name: str = MODEL_NAME
-    ports: dict = field(default_factory=free_ports)
+    ports: dict = field(default_factory=partial(free_ports, TEST_PORTS))
     overrides: dict = field(default_factory=dict)  # extra config.properties entries (e.g. to disable auth)
     process: subprocess.Popen | None = None
     keys: dict = field(default_factory=dict)
@@ -157,7 +135,7 @@ class TorchServeInstance:
         config.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
         return config
 
-    def start(self) -> "TorchServeInstance":
+    def start(self) -> TorchServeInstance:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "no-workflows").mkdir(exist_ok=True)
         config = self.write_config()
@@ -178,10 +156,9 @@ class TorchServeInstance:
             return
         if self.key_file.is_file():
             try:
-                keys = json.loads(self.key_file.read_text())
-            except json.JSONDecodeError:
+                self.keys = read_keys(self.key_file)
+            except KeyFileError:
                 return  # TorchServe is still writing it: read again on the next poll
-            self.keys = {name: entry["key"] for name, entry in keys.items()}
 
     def request(self, method: str, path: str, api: str = "inference", token: str | None = "default",
                 **kwargs) -> requests.Response:
@@ -202,30 +179,24 @@ class TorchServeInstance:
         response.raise_for_status()
         return response.text
 
+    def describe(self) -> list[dict]:
+        return describe_model(self.management_url, self.model_name, self.management_token, timeout=120)
+
     def workers(self) -> list[dict]:
-        response = self.request("GET", f"/models/{self.model_name}", api="management")
-        response.raise_for_status()
-        return response.json()[0]["workers"]
+        return workers_of(self.describe())
 
     def wait_for_workers(self, n: int, timeout: float = 120) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+        def still_starting() -> None:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited ({self.process.returncode}):\n{self.log_tail()}")
             if self.worker_died():
                 raise RuntimeError(f"a TorchServe worker died:\n{self.log_tail()}")
             self._read_keys()
-            try:
-                workers = self.workers()
-                ready = [w for w in workers if w["status"] == "READY"]
-                if len(ready) == n and len(workers) == n:
-                    return workers
-                last = json.dumps(workers)
-            except (requests.RequestException, KeyError, IndexError, ValueError) as error:
-                last = repr(error)
-            time.sleep(0.5)
-        raise TimeoutError(f"{n} READY worker(s) not reached in {timeout} s (last: {last}):\n{self.log_tail()}")
+
+        try:
+            return wait_until_ready(self.describe, workers=n, timeout_s=timeout, check=still_starting)
+        except NotReadyError as error:
+            raise TimeoutError(f"{error}:\n{self.log_tail()}") from error
 
     def worker_died(self) -> bool:
         model_log = self.workdir / "logs" / "model_log.log"
@@ -258,7 +229,7 @@ class TorchServeInstance:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            raise AssertionError(f"TorchServe did not stop within {timeout} s")
+            raise AssertionError(f"TorchServe did not stop within {timeout} s") from None
         finally:
             self.process = None
         deadline = time.monotonic() + 30
@@ -272,7 +243,7 @@ def test_checkpoint_dir(tmp_path_factory) -> Path:
     if configured:
         return Path(configured)
     out = tmp_path_factory.mktemp("checkpoint")
-    run_checked([sys.executable, str(REPO_ROOT / "scripts" / "make_test_checkpoint.py"), str(out), "--seed", "0"])
+    run_checked([sys.executable, str(REPO_ROOT / "tools" / "make_test_checkpoint.py"), str(out), "--seed", "0"])
     return out
 
 
@@ -280,7 +251,7 @@ def test_checkpoint_dir(tmp_path_factory) -> Path:
 def model_store_dir(tmp_path_factory, test_checkpoint_dir) -> Path:
     store = tmp_path_factory.mktemp("model_store")
     run_checked(["bash", str(REPO_ROOT / "scripts" / "build_mar.sh"), str(test_checkpoint_dir), str(store)],
-                env={**os.environ, "PYTHON": sys.executable})
+                env=checkout_env(PYTHON=sys.executable))
     return store
 
 

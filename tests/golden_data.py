@@ -1,14 +1,14 @@
 """The reference's golden outputs and the dev checkpoint, as committed under tests/fixtures/golden/.
 
-Made by scripts/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format);
-the segmented-captioning goldens (tests/fixtures/segments/) by scripts/make_segment_goldens.py.
+Made by tools/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format);
+the segmented-captioning goldens (tests/fixtures/segments/) by tools/make_segment_goldens.py.
 """
 
 import io
 import json
 import lzma
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -22,17 +22,17 @@ def load_xz(path: Path):
     return torch.load(io.BytesIO(lzma.decompress(path.read_bytes())), weights_only=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cases() -> dict[str, dict]:
     return {case["id"]: case for case in json.loads((GOLDEN / "cases.json").read_text())["cases"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def goldens() -> dict:
     return load_xz(GOLDEN / "goldens.pt.xz")
 
 
-@lru_cache(maxsize=None)
+@cache
 def tensor_inputs() -> dict[str, dict]:
     return load_xz(GOLDEN / "inputs.pt.xz")
 
@@ -78,13 +78,13 @@ def _split_tensor(x: torch.Tensor) -> list[torch.Tensor]:
 SEGMENTS = FIXTURES / "segments"
 
 
-@lru_cache(maxsize=None)
+@cache
 def segment_manifest() -> dict:
     """The long recording's recipe and sha256, and per window configuration its windows' case ids and bounds."""
     return json.loads((SEGMENTS / "manifest.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def segment_goldens() -> dict[str, dict]:
-    """Reference outputs per window case id (made by scripts/make_segment_goldens.py)."""
+    """Reference outputs per window case id (made by tools/make_segment_goldens.py)."""
     return load_xz(SEGMENTS / "goldens.pt.xz")

@@ -13,20 +13,12 @@ This stand-in serves one repository at one commit, with a second listening socke
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".bin", ".safetensors")
-
-
-def unused_local_port() -> int:
-    """A loopback port where nothing listens (closed right after the OS picked it): an unreachable server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -55,7 +47,9 @@ class HubStandIn:
         self._lock = threading.Lock()
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class(self._answer_hub))
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class(self._answer_cdn))
-        self._threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in (self._hub, self._cdn)]
+        self._threads = [
+            threading.Thread(target=server.serve_forever, daemon=True) for server in (self._hub, self._cdn)
+        ]
 
     @property
     def endpoint(self) -> str:
@@ -66,7 +60,7 @@ class HubStandIn:
         # "localhost" rather than 127.0.0.1: a different origin, as the real CDN is.
         return f"http://localhost:{self._cdn.server_address[1]}"
 
-    def __enter__(self) -> "HubStandIn":
+    def __enter__(self) -> HubStandIn:
         for thread in self._threads:
             thread.start()
         return self

@@ -322,7 +322,9 @@ def test_sample_rate_with_a_huge_resampling_filter_is_refused(tmp_path, monkeypa
         load_audio(odd_rate_wav)
 
 
-@pytest.mark.parametrize("sample_rate", [8_000, 11_025, 22_050, 44_100, 48_000, 88_200, 96_000, 176_400, 192_000, 352_800, 384_000])
+@pytest.mark.parametrize(
+    "sample_rate", [8_000, 11_025, 22_050, 44_100, 48_000, 88_200, 96_000, 176_400, 192_000, 352_800, 384_000]
+)
 def test_every_common_sample_rate_is_supported(sample_rate):
     audio = load_audio(seeded_noise(1, sample_rate), sample_rate)  # 1 s
     assert audio.waveform.shape == (SAMPLE_RATE,)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import golden_data
+from conftest import checkout_env
 from conette_engine.checkpoint import load_checkpoint
 from conette_engine.engine import CaptioningEngine
 from conette_engine.errors import CheckpointError, UnsafePickleError
@@ -25,7 +26,8 @@ def official_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def serving_dir(official_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serving") / "model"
-    subprocess.run([sys.executable, str(ROOT / "scripts/convert_checkpoint.py"), str(official_dir), str(out)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts/convert_checkpoint.py"), str(official_dir), str(out)],
+                   check=True, env=checkout_env())
     return out
 
 

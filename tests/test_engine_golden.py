@@ -29,7 +29,9 @@ def case_options(engine: CaptioningEngine, case: dict, n_items: int) -> list[Dec
     threshold = golden_data.resolve(args.get("threshold", 0.3))
     threshold = tuple(threshold.tolist()) if isinstance(threshold, torch.Tensor) else threshold
     decoding = {k: args[k] for k in DECODING_ARGS if k in args}
-    return [DecodingOptions(**{**engine.defaults.__dict__, **decoding, "task": t, "threshold": threshold}) for t in tasks]
+    return [
+        DecodingOptions(**{**engine.defaults.__dict__, **decoding, "task": t, "threshold": threshold}) for t in tasks
+    ]
 
 
 def padded(tokens: list[int], width: int) -> list[int]:
@@ -164,7 +166,9 @@ def test_same_input_same_output_run_after_run(engine):
 
 
 def test_result_dict_is_sorted_best_first(engine):
-    (result,) = engine.caption([engine.load_audio(golden_data.AUDIO / "a02.wav")], [DecodingOptions(task="clotho", beam_size=4, threshold=0.5)])
+    (result,) = engine.caption(
+        [engine.load_audio(golden_data.AUDIO / "a02.wav")], [DecodingOptions(task="clotho", beam_size=4, threshold=0.5)]
+    )
     data = result.to_dict()
     scores = [c["score"] for c in data["candidates"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 4

@@ -1,4 +1,4 @@
-"""scripts/fetch_weights.py against a local stand-in of the hub (tests/hub_standin.py).
+"""conette-fetch-weights (conette_client.fetch_weights) against a local stand-in of the hub (tests/hub_standin.py).
 
 The script runs as a subprocess, as users run it, so that huggingface_hub reads HF_HUB_OFFLINE,
 HF_HUB_CACHE and HF_TOKEN from the environment exactly as it does for them.
@@ -7,17 +7,16 @@ HF_HUB_CACHE and HF_TOKEN from the environment exactly as it does for them.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hub_standin import HubRepo, HubStandIn, unused_local_port
+from conette_client.files import unused_local_port
+from conftest import REPO_ROOT, checkout_env
+from hub_standin import HubRepo, HubStandIn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch_weights.py"
 REPO_ID = "Labbeti/conette"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -27,7 +26,7 @@ def checkpoint_files(tmp_path_factory) -> dict[str, bytes]:
     """A generated checkpoint in the official layout (what the hub repository holds)."""
     out_dir = tmp_path_factory.mktemp("official_checkpoint")
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "make_test_checkpoint.py"), str(out_dir)],
+        [sys.executable, str(REPO_ROOT / "tools" / "make_test_checkpoint.py"), str(out_dir)],
         check=True,
         capture_output=True,
     )
@@ -37,13 +36,17 @@ def checkpoint_files(tmp_path_factory) -> dict[str, bytes]:
 @pytest.fixture
 def hub_env(tmp_path) -> dict[str, str]:
     """Environment with a private hub cache and no ambient token or offline switch."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hub_cache"), HF_HUB_DISABLE_TELEMETRY="1")
+    env = {k: v for k, v in checkout_env().items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hub_cache"), HF_HUB_DISABLE_TELEMETRY="1"
+    )
     return env
 
 
-def run_fetch(out_dir: Path, env: dict[str, str], *extra: str, weights: bytes | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(FETCH_SCRIPT), "--out", str(out_dir), "--revision", COMMIT, *extra]
+def run_fetch(
+    out_dir: Path, env: dict[str, str], *extra: str, weights: bytes | None = None
+) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "conette_client.fetch_weights", "--out", str(out_dir), "--revision", COMMIT, *extra]
     if weights is not None:
         args += ["--sha256", hashlib.sha256(weights).hexdigest(), "--size", str(len(weights))]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -72,8 +75,13 @@ def test_fetch_follows_hf_endpoint_and_branch_names(tmp_path, hub_env, checkpoin
     out_dir = tmp_path / "weights"
     with HubStandIn(HubRepo(REPO_ID, COMMIT, checkpoint_files)) as hub:
         # No --endpoint: HF_ENDPOINT alone leads to the stand-in. A later --revision overrides run_fetch's.
-        result = run_fetch(out_dir, dict(hub_env, HF_ENDPOINT=hub.endpoint), "--revision", "main",
-                           weights=checkpoint_files["pytorch_model.bin"])
+        result = run_fetch(
+            out_dir,
+            dict(hub_env, HF_ENDPOINT=hub.endpoint),
+            "--revision",
+            "main",
+            weights=checkpoint_files["pytorch_model.bin"],
+        )
     assert result.returncode == 0, result.stderr
     assert (out_dir / "pytorch_model.bin").read_bytes() == checkpoint_files["pytorch_model.bin"]
 
@@ -96,7 +104,9 @@ def test_cached_copy_serves_offline_mode(tmp_path, hub_env, checkpoint_files):
     with HubStandIn(HubRepo(REPO_ID, COMMIT, checkpoint_files)) as hub:
         assert run_fetch(tmp_path / "first", hub_env, "--endpoint", hub.endpoint, weights=weights).returncode == 0
         requests_online = len(hub.requests)
-        offline = run_fetch(tmp_path / "second", dict(hub_env, HF_HUB_OFFLINE="1"), "--endpoint", hub.endpoint, weights=weights)
+        offline = run_fetch(
+            tmp_path / "second", dict(hub_env, HF_HUB_OFFLINE="1"), "--endpoint", hub.endpoint, weights=weights
+        )
         assert len(hub.requests) == requests_online
     assert offline.returncode == 0, offline.stderr
     assert (tmp_path / "second" / "pytorch_model.bin").read_bytes() == weights
@@ -150,13 +160,17 @@ def test_truncated_transfer_leaves_nothing_behind(tmp_path, hub_env, checkpoint_
     out_dir = tmp_path / "weights"
     weights = checkpoint_files["pytorch_model.bin"]
     # The CDN sends half the file: huggingface_hub's size check fails before ours runs.
-    truncated = HubRepo(REPO_ID, COMMIT, checkpoint_files, served_instead={"pytorch_model.bin": weights[: len(weights) // 2]})
+    truncated = HubRepo(
+        REPO_ID, COMMIT, checkpoint_files, served_instead={"pytorch_model.bin": weights[: len(weights) // 2]}
+    )
     with HubStandIn(truncated) as hub:
         result = run_fetch(out_dir, hub_env, "--endpoint", hub.endpoint, weights=weights)
     assert result.returncode == 1
     assert "Downloading pytorch_model.bin failed" in result.stderr
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
-    assert not [p for p in Path(hub_env["HF_HUB_CACHE"]).rglob("*") if p.is_file() and p.stat().st_size == len(weights) // 2]
+    assert not [
+        p for p in Path(hub_env["HF_HUB_CACHE"]).rglob("*") if p.is_file() and p.stat().st_size == len(weights) // 2
+    ]
 
 
 def test_corrupted_destination_file_is_replaced(tmp_path, hub_env, checkpoint_files):
@@ -176,8 +190,14 @@ def test_wrong_expected_size_is_rejected(tmp_path, hub_env, checkpoint_files):
     weights = checkpoint_files["pytorch_model.bin"]
     with HubStandIn(HubRepo(REPO_ID, COMMIT, checkpoint_files)) as hub:
         result = run_fetch(
-            out_dir, hub_env, "--endpoint", hub.endpoint,
-            "--sha256", hashlib.sha256(weights).hexdigest(), "--size", str(len(weights) + 1),
+            out_dir,
+            hub_env,
+            "--endpoint",
+            hub.endpoint,
+            "--sha256",
+            hashlib.sha256(weights).hexdigest(),
+            "--size",
+            str(len(weights) + 1),
         )
     assert result.returncode == 1
     assert f"{len(weights) + 1:,} were expected" in result.stderr
@@ -190,7 +210,11 @@ def test_hf_token_is_sent_to_a_private_repository(tmp_path, hub_env, checkpoint_
     with HubStandIn(private) as hub:
         denied = run_fetch(tmp_path / "denied", hub_env, "--endpoint", hub.endpoint, weights=weights)
         allowed = run_fetch(
-            tmp_path / "allowed", dict(hub_env, HF_TOKEN="hf_standin_secret"), "--endpoint", hub.endpoint, weights=weights
+            tmp_path / "allowed",
+            dict(hub_env, HF_TOKEN="hf_standin_secret"),
+            "--endpoint",
+            hub.endpoint,
+            weights=weights,
         )
     assert denied.returncode == 1
     assert "HF_TOKEN" in denied.stderr

@@ -1,7 +1,7 @@
 """Segmented captioning: the window rule, options, long-clip loading, streamed windows, and reference goldens.
 
 The goldens (tests/fixtures/segments/) are the reference conette 0.3.2 run on each window of a 75.6 s encoded
-video (AAC stereo 44.1 kHz + H.264) as a 32 kHz tensor, batch of one (scripts/make_segment_goldens.py).
+video (AAC stereo 44.1 kHz + H.264) as a 32 kHz tensor, batch of one (tools/make_segment_goldens.py).
 """
 
 import hashlib
@@ -149,7 +149,7 @@ def test_segmented_clips_have_their_own_limit(engine, dev_model):
     assert error.value.type == "audio_too_long"
     assert "75.6 s long (from its header)" in error.value.message
     assert "maximum for segmented captioning (segment_s) is 60 s" in error.value.message
-    assert "caption CLI (scripts/caption.py --segment S)" in error.value.message
+    assert "caption CLI (conette-caption --segment S)" in error.value.message
 
 
 def test_overlapping_windows_lower_the_segmented_limit(dev_model):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,10 @@ import requests
 
 from audio_factory import make_audio
 from conette_engine.engine import CaptioningEngine
-from conftest import REPO_ROOT, TorchServeInstance, free_ports, read_properties
+from conette_client.files import free_ports
+from conette_client.prometheus import metric_total
+from conette_client.torchserve import read_properties
+from conftest import REPO_ROOT, TorchServeInstance, checkout_env
 
 SCORE_ATOL = 1e-4
 PROB_ATOL = 1e-5
@@ -93,24 +95,14 @@ def assert_same_answer(got: dict, want: dict) -> None:
 
 def assert_model_info(got: dict, engine: CaptioningEngine) -> None:
     assert got["model"]["name"] == "conette"
-    assert got["model"]["version"] == "1.0"
+    assert got["model"]["version"] == (REPO_ROOT / "handler" / "conette_engine" / "VERSION").read_text().strip()
     assert got["model"]["checkpoint_sha256"] == engine.checkpoint_sha256
-
-
-def metric_values(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def batch_counts(server: TorchServeInstance) -> tuple[float, float]:
     """(batches so far, requests in them so far) from the handler's BatchSize histogram."""
     text = server.metrics_text()
-    return metric_values(text, "BatchSize_count"), metric_values(text, "BatchSize_sum")
+    return metric_total(text, "BatchSize_count"), metric_total(text, "BatchSize_sum")
 
 
 def fire_together(calls: list) -> list[requests.Response]:
@@ -327,12 +319,12 @@ def test_metrics_endpoint(ts_server, clips):
     ts_server.predict(data=b"garbage" * 100, headers={"Content-Type": "audio/wav"})
     text = ts_server.metrics_text()
     model = {"ModelName": ts_server.model_name}
-    assert metric_values(text, "ts_inference_requests_total", model_name=ts_server.model_name) >= 2
-    assert metric_values(text, "AudioSecondsProcessed", **model) >= 2.0
-    assert metric_values(text, "BatchSize_count", **model) >= 1
+    assert metric_total(text, "ts_inference_requests_total", model_name=ts_server.model_name) >= 2
+    assert metric_total(text, "AudioSecondsProcessed", **model) >= 2.0
+    assert metric_total(text, "BatchSize_count", **model) >= 1
     for stage in ("decode", "logmel", "encoder", "beam_search"):
-        assert metric_values(text, "StageLatencySeconds_count", Stage=stage, **model) >= 1, stage
-    assert metric_values(text, "RequestErrors", ErrorType="undecodable_audio", **model) >= 1
+        assert metric_total(text, "StageLatencySeconds_count", Stage=stage, **model) >= 1, stage
+    assert metric_total(text, "RequestErrors", ErrorType="undecodable_audio", **model) >= 1
     assert "# TYPE StageLatencySeconds histogram" in text
 
 
@@ -368,7 +360,7 @@ def test_no_archive_model_directory_serves_and_stops_cleanly(tmp_path, test_chec
     """The unpacked model directory (make mar-dir, for volume mounts) serves; stop leaves no process behind."""
     store = tmp_path / "store"
     subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_mar.sh"), str(test_checkpoint_dir), str(store),
-                    "--no-archive"], check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+                    "--no-archive"], check=True, capture_output=True, env=checkout_env(PYTHON=sys.executable))
     assert (store / "conette" / "MAR-INF" / "MANIFEST.json").is_file() and not (store / "conette.mar").exists()
     other_ports = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
                    "grpc_management": 17171}

@@ -1,4 +1,4 @@
-"""scripts/make_test_checkpoint.py: the official layout, plain-data vocabulary pickle, determinism, usable outputs."""
+"""tools/make_test_checkpoint.py: the official layout, plain-data vocabulary pickle, determinism, usable outputs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from audio_factory import make_audio
 from conette_engine.engine import CaptioningEngine
 from conftest import REPO_ROOT
 
-SCRIPT = REPO_ROOT / "scripts" / "make_test_checkpoint.py"
+SCRIPT = REPO_ROOT / "tools" / "make_test_checkpoint.py"
 # Opcodes that import or call something: the vocabulary pickle must hold plain data only.
 CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2",
                 "EXT4", "PERSID", "BINPERSID"}

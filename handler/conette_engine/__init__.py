@@ -32,14 +32,21 @@ Errors a client caused are InputError subclasses (AudioError, OptionError) with 
 (short machine-readable str) and `.message` (says what is wrong and the limit).
 """
 
-from .audio import AudioStream, DecodedAudio, load_audio
-from .decoding import DecodingOptions
-from .engine import CaptioningEngine, CaptionResult, Segment, SegmentedResult
-from .errors import AudioError, CheckpointError, InputError, OptionError, UnsafePickleError
-from .segments import Window, segment_bounds, stream_windows
+import importlib
 
-__all__ = [
-    "AudioError", "AudioStream", "CaptionResult", "CaptioningEngine", "CheckpointError", "DecodedAudio",
-    "DecodingOptions", "InputError", "OptionError", "Segment", "SegmentedResult", "UnsafePickleError", "Window",
-    "load_audio", "segment_bounds", "stream_windows",
-]
+# Imported on first use (PEP 562), so that `conette_engine.decoding` alone (the caption CLI's option flags)
+# does not pay for FFmpeg decoding and torchaudio.
+_EXPORTS = {
+    "AudioStream": "audio", "DecodedAudio": "audio", "load_audio": "audio", "DecodingOptions": "decoding",
+    "CaptioningEngine": "engine", "CaptionResult": "engine", "Segment": "engine", "SegmentedResult": "engine",
+    "Window": "segments", "segment_bounds": "segments", "stream_windows": "segments",
+    "AudioError": "errors", "CheckpointError": "errors", "InputError": "errors", "OptionError": "errors",
+    "UnsafePickleError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

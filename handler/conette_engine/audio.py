@@ -511,12 +511,12 @@ def _check_duration(n_frames: int, sample_rate: int, max_duration_s: float, deco
 def _too_long(how_long: str, max_duration_s: float, segmented: bool = False) -> AudioError:
     if segmented:
         limit = f"the maximum for segmented captioning (segment_s) is {max_duration_s:g} s"
-        how = ("caption longer recordings with the caption CLI (scripts/caption.py --segment S), which cuts them "
+        how = ("caption longer recordings with the caption CLI (conette-caption --segment S), which cuts them "
                "into windows sent as separate requests")
     else:
         limit = f"the maximum is {max_duration_s:g} s"
         how = ("caption longer recordings as a timeline of windows with the segment_s option (e.g. segment_s=10), "
-               "or at any length with the caption CLI (scripts/caption.py --segment S)")
+               "or at any length with the caption CLI (conette-caption --segment S)")
     return AudioError(f"the audio is {how_long}; {limit}; {how}", type="audio_too_long")
 
 

@@ -15,8 +15,9 @@ items (item-major, slot order), and per-item top-k runs on a padded (items, max_
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -103,7 +104,8 @@ class DecodingOptions:
         hop_s = self.segment_s if self.hop_s is None else self.hop_s
         if not self.segment_s / MAX_WINDOW_OVERLAP <= hop_s <= self.segment_s:
             raise OptionError(
-                f"hop_s ({hop_s:g}) must be between segment_s / {MAX_WINDOW_OVERLAP} ({self.segment_s / MAX_WINDOW_OVERLAP:g}) "
+                f"hop_s ({hop_s:g}) must be between segment_s / {MAX_WINDOW_OVERLAP} "
+                f"({self.segment_s / MAX_WINDOW_OVERLAP:g}) "
                 f"and segment_s ({self.segment_s:g}): windows may overlap, each moment in at most "
                 f"{MAX_WINDOW_OVERLAP} of them, but not leave gaps", "invalid_option",
             )
@@ -148,7 +150,8 @@ def _parse_float(name: str, value: Any, low: float, high: float) -> float:
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
-        elif isinstance(value, str) and len(value.strip()) <= MAX_NUMBER_TEXT and _DECIMAL_TEXT.fullmatch(value.strip()):
+        elif (isinstance(value, str) and len(value.strip()) <= MAX_NUMBER_TEXT
+              and _DECIMAL_TEXT.fullmatch(value.strip())):
             number = float(value.strip())
     except OverflowError:  # an int too large for a float (a JSON number of hundreds of digits)
         number = None

@@ -19,7 +19,9 @@ from .model import CoNeTTE, ModelDimensions
 from .segments import Span, segment_bounds
 
 
-ENGINE_VERSION = "1.1.0"
+# The one version string of the project: pyproject.toml and build_mar.sh (the .mar's model version) read this
+# file too. A file next to the code, not package metadata: inside a .mar the package is not installed.
+ENGINE_VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 # Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
 # (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
@@ -42,7 +44,8 @@ class CaptionResult:
 
     def to_dict(self) -> dict:
         """JSON-ready: candidates and tags best first."""
-        return {**self._caption_dict(), "task": self.task, "tags": _tags_dict(self.tags), "audio": _audio_dict(self.audio)}
+        return {**self._caption_dict(), "task": self.task, "tags": _tags_dict(self.tags),
+                "audio": _audio_dict(self.audio)}
 
     def _caption_dict(self) -> dict:
         order = sorted(range(len(self.candidates)), key=lambda i: -self.candidates[i][1])
@@ -266,14 +269,17 @@ class CaptioningEngine:
 
     def _caption_items(self, items: list[tuple[Tensor, DecodingOptions, audio_io.DecodedAudio]],
                        timings: dict | None) -> list[CaptionResult]:
-        """items: (mono 32 kHz waveform, options, the DecodedAudio it is reported as); one encoder pass, one beam search."""
+        """items: (mono 32 kHz waveform, options, the DecodedAudio it is reported as).
+
+        One encoder pass and one beam search for all of them."""
         if not items:
             return []
         timings = timings if timings is not None else {}
         memories, clip_probs = self.encode([waveform for waveform, _, _ in items], timings)
         with _timed(timings, "beam_search"):
             beams = self._beam_search(memories, [opts for _, opts, _ in items])
-        return [self._result(beam, probs, opts, audio) for beam, probs, (_, opts, audio) in zip(beams, clip_probs, items)]
+        return [self._result(beam, probs, opts, audio)
+                for beam, probs, (_, opts, audio) in zip(beams, clip_probs, items)]
 
     def _beam_search(self, memories: list[Tensor], options: list[DecodingOptions]) -> list[BeamResult]:
         lengths = torch.tensor([m.shape[0] for m in memories], device=self.device)

@@ -310,7 +310,8 @@ class CoNeTTE(nn.Module):
         self.model = _Container()
         self.model.register_buffer("task_id_to_token_id", torch.zeros(dims.n_tasks, dtype=torch.long))
         self.model.register_buffer("forbid_rep_mask", torch.zeros(dims.vocab_size, dtype=torch.bool))
-        self.model.projection = nn.Sequential(nn.Identity(), nn.Identity(), nn.Linear(dims.encoder_dims[-1], dims.d_model))
+        self.model.projection = nn.Sequential(
+            nn.Identity(), nn.Identity(), nn.Linear(dims.encoder_dims[-1], dims.d_model))
         self.model.decoder = TextDecoder(dims)
 
     @property

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Latency at concurrency 1 and throughput at concurrency 8: a running TorchServe vs the in-process engine.
 
-    python scripts/bench_server.py --checkpoint weights/conette [--url http://127.0.0.1:8080] [--seconds 10]
+    python tools/bench_server.py --checkpoint weights/conette [--url http://127.0.0.1:8080] [--seconds 10]
                                    [--requests 16] [--token KEY | --key-file key_file.json]
 
-The clip is FFmpeg-made WAV (44.1 kHz stereo, speech-like noise), sent as a raw body to POST /predictions/conette
+The clip is FFmpeg-made WAV (44.1 kHz stereo, white noise), sent as a raw body to POST /predictions/conette
 with default options (beam 3). The in-process engine (same checkpoint as the server's .mar) decodes the same
 bytes; at concurrency 8 it captions 8 clips per call, which is what the server's batching aims at.
 Run it on an otherwise idle machine: the server and the in-process engine take turns on the same cores.
@@ -14,30 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "handler"))
-
-from torchserve_keys import resolve_token  # noqa: E402  (scripts/ is on sys.path when run as a script)
-
-
-def make_clip(seconds: float) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "clip.wav"
-        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"anoisesrc=c=pink:a=0.2:r=44100:d={seconds}:seed=3", "-f", "lavfi", "-i",
-                        f"sine=frequency=330:sample_rate=44100:duration={seconds}", "-filter_complex",
-                        "amix=inputs=2", "-ac", "2", "-c:a", "pcm_s16le", str(out)], check=True)
-        return out.read_bytes()
+from audio_factory import audio_bytes
+from conette_client.keys import resolve_token
+from conette_client.prometheus import metric_total
+from conette_client.torchserve import DEFAULT_ADDRESSES
 
 
 def summary(latencies: list[float], wall_s: float) -> dict:
@@ -50,10 +36,7 @@ def summary(latencies: list[float], wall_s: float) -> dict:
 def batch_totals(metrics_url: str) -> tuple[float, float]:
     """(batches, requests in them) so far, from the handler's BatchSize histogram on the metrics port."""
     text = requests.get(f"{metrics_url}/metrics", timeout=30).text
-    sums = {kind: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith(f"BatchSize_{kind}{{"))
-            for kind in ("count", "sum")}
-    return sums["count"], sums["sum"]
+    return metric_total(text, "BatchSize_count"), metric_total(text, "BatchSize_sum")
 
 
 def bench_server(url: str, metrics_url: str, token: str | None, clip: bytes, n: int, concurrency: int) -> dict:
@@ -100,8 +83,8 @@ def bench_engine(engine, clip: bytes, n: int, concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the checkpoint the server's .mar was built from")
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
-    parser.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="TorchServe metrics address")
+    parser.add_argument("--url", default=DEFAULT_ADDRESSES["inference"], help="TorchServe inference address")
+    parser.add_argument("--metrics-url", default=DEFAULT_ADDRESSES["metrics"], help="TorchServe metrics address")
     parser.add_argument("--token", help="inference key (default: from key_file.json)")
     parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the repo root)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip duration")
@@ -112,7 +95,7 @@ def main() -> None:
 
     from conette_engine.engine import CaptioningEngine
 
-    clip = make_clip(args.seconds)
+    clip = audio_bytes("wav16", seconds=args.seconds, sample_rate=44100, channels=2, signal="noise", seed=3)
     token = resolve_token("inference", args.token, args.key_file)
     engine = CaptioningEngine.load(args.checkpoint)
     print(f"clip: {args.seconds:g} s 44.1 kHz stereo WAV ({len(clip)} bytes); beam 3; {args.requests} requests "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a small random-weight CoNeTTE checkpoint in the official Hugging Face format.
 
-    python scripts/make_test_checkpoint.py OUT_DIR [--seed 0] [--depths 1,1,1,1] [--layers 2] [--ffn 512]
+    python tools/make_test_checkpoint.py OUT_DIR [--seed 0] [--depths 1,1,1,1] [--layers 2] [--ffn 512]
                                                    [--vocab-size 300]
 
 OUT_DIR gets exactly what `CoNeTTEModel.save_pretrained(dir)` writes for the hub repo Labbeti/conette:

@@ -1,32 +1,39 @@
-#!/usr/bin/env python
 """Operate a running conette-serve TorchServe without hand-crafted curl calls.
 
-    python scripts/manage.py describe            # model, batching settings and workers
-    python scripts/manage.py scale 3             # exactly 3 workers; returns once they are up (or down)
-    python scripts/manage.py metrics             # key metrics from the metrics port, with averages
+    conette-manage describe            # model, batching settings and workers
+    conette-manage scale 3             # exactly 3 workers; returns once they are up (or down)
+    conette-manage metrics             # key metrics from the metrics port, with averages
+    conette-manage wait-ready          # block until the model has a READY worker (what `make serve` runs)
 
-The management API (default http://127.0.0.1:8081) needs the management key: --token, or the
-"management" key of TorchServe's key_file.json (--key-file, else ./key_file.json, else the repository
-root). The metrics port needs none. --json prints the server's answers as they are.
+Addresses: --config config.properties takes the management, metrics and inference addresses from
+TorchServe's configuration file; --management-url / --metrics-url override them; the default is
+TorchServe's own (127.0.0.1:8081 and :8082). The management API needs the management key: --token, or the
+"management" key of TorchServe's key_file.json (--key-file, else ./key_file.json, else the root of the
+checkout this runs from). The metrics port needs none. --json prints the server's answers as they are.
 
-Exit status: 0 on success, 1 when the server answers with an error or cannot be reached.
+Exit status: 0 on success, 1 when the server answers with an error, cannot be reached, or (wait-ready)
+has no READY worker within --timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 
-import requests
+from .keys import KEY_FILE_NAME, KeyFileError, resolve_token
+from .prometheus import Sample, parse_samples
+from .torchserve import (
+    DEFAULT_MODEL,
+    NotReadyError,
+    ServerError,
+    addresses,
+    call,
+    describe_model,
+    wait_until_ready,
+)
 
-from torchserve_keys import KeyFileError, resolve_token
-
-DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
-DEFAULT_METRICS_URL = "http://127.0.0.1:8082"
-DEFAULT_MODEL = "conette"
 # What an operator looks at first: traffic, errors, latency, queueing, batching, load (metrics.yaml).
 KEY_METRICS = (
     "ts_inference_requests_total",
@@ -45,22 +52,6 @@ KEY_METRICS = (
     "CPUUtilization",
     "MemoryUsed",
 )
-SAMPLE_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
-
-
-class ServerError(Exception):
-    """The server answered with an error or could not be reached; str(self) says which."""
-
-
-def call(method: str, url: str, token: str | None, timeout: float, **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = requests.request(method, url, headers=headers, timeout=timeout, **kwargs)
-    except requests.RequestException as error:
-        raise ServerError(f"{method} {url} failed: {error}") from error
-    if response.status_code >= 400:
-        raise ServerError(f"{method} {url} answered {response.status_code}: {response.text.strip()[:500]}")
-    return response
 
 
 def describe_text(description: dict) -> str:
@@ -84,8 +75,7 @@ def describe_text(description: dict) -> str:
 
 
 def describe(args: argparse.Namespace, token: str | None) -> str:
-    response = call("GET", f"{args.management_url}/models/{args.model}", token, args.timeout)
-    descriptions = response.json()
+    descriptions = describe_model(args.management_url, args.model, token, args.timeout)
     if args.json:
         return json.dumps(descriptions, indent=2)
     return "\n\n".join(describe_text(description) for description in descriptions)
@@ -110,20 +100,6 @@ def scale(args: argparse.Namespace, token: str | None) -> str:
     return f"{message}\n{describe(args, token)}"
 
 
-def parse_prometheus(text: str) -> list[tuple[str, str, float]]:
-    samples = []
-    for line in text.splitlines():
-        match = SAMPLE_LINE.match(line)
-        if match is None or line.startswith("#"):
-            continue
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        samples.append((match["name"], match["labels"] or "", value))
-    return samples
-
-
 def base_name(name: str) -> str:
     for suffix in ("_bucket", "_count", "_sum"):
         if name.endswith(suffix):
@@ -134,11 +110,11 @@ def base_name(name: str) -> str:
 def metrics(args: argparse.Namespace, _token: str | None) -> str:
     response = call("GET", f"{args.metrics_url}/metrics", None, args.timeout)
     if args.json:
-        return json.dumps([{"name": n, "labels": l, "value": v} for n, l, v in parse_prometheus(response.text)], indent=2)
+        return json.dumps([sample._asdict() for sample in parse_samples(response.text)], indent=2)
     samples = [
-        (name, labels, value)
-        for name, labels, value in parse_prometheus(response.text)
-        if (args.all or base_name(name) in KEY_METRICS) and not name.endswith("_bucket")
+        sample
+        for sample in parse_samples(response.text)
+        if (args.all or base_name(sample.name) in KEY_METRICS) and not sample.name.endswith("_bucket")
     ]
     if not samples:
         return f"no metrics yet at {args.metrics_url}/metrics (metrics_mode=prometheus? any request served yet?)"
@@ -147,7 +123,7 @@ def metrics(args: argparse.Namespace, _token: str | None) -> str:
     return "\n".join(lines)
 
 
-def averages(samples: list[tuple[str, str, float]]) -> list[str]:
+def averages(samples: list[Sample]) -> list[str]:
     """Mean per request (TorchServe's latency counters are sums) and per histogram observation."""
     totals: dict[tuple[str, str], float] = defaultdict(float)
     for name, labels, value in samples:
@@ -157,7 +133,10 @@ def averages(samples: list[tuple[str, str, float]]) -> list[str]:
         if name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
             count = totals.get(("ts_inference_requests_total", labels))
             if count:
-                lines.append(f"mean {name.removeprefix('ts_').removesuffix('_microseconds')} per request{labels}: {total / count / 1000:.1f} ms")
+                lines.append(
+                    f"mean {name.removeprefix('ts_').removesuffix('_microseconds')} per request{labels}: "
+                    f"{total / count / 1000:.1f} ms"
+                )
         elif name.endswith("_sum"):
             count = totals.get((base_name(name) + "_count", labels))
             if count:
@@ -165,14 +144,34 @@ def averages(samples: list[tuple[str, str, float]]) -> list[str]:
     return lines
 
 
+def wait_ready(args: argparse.Namespace, _token: str | None) -> str:
+    # The token is looked up on every poll: TorchServe writes key_file.json only once it has started.
+    def describe_now() -> list[dict]:
+        return describe_model(args.management_url, args.model, resolve_token("management", args.token, args.key_file))
+
+    found = wait_until_ready(describe_now, timeout_s=args.timeout, interval_s=1.0)
+    ready = sum(worker.get("status") == "READY" for worker in found)
+    return (
+        f"{args.model} is READY ({ready} worker(s)): {args.inference_url}/predictions/{args.model} "
+        f"(inference key in {KEY_FILE_NAME})"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Describe, scale and watch the conette model on TorchServe.")
-    parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help="(default: %(default)s)")
-    parser.add_argument("--metrics-url", default=DEFAULT_METRICS_URL, help="(default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="conette-manage",
+        description="Describe, scale and watch the conette model on TorchServe; wait until it is READY.",
+        epilog="Exit status: 0 success, 1 error answer, unreachable server, or no READY worker in time.",
+    )
+    parser.add_argument("--config", help="TorchServe config.properties to take the addresses from")
+    parser.add_argument("--management-url", help="management API (default: from --config, else 127.0.0.1:8081)")
+    parser.add_argument("--metrics-url", help="metrics API (default: from --config, else 127.0.0.1:8082)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="(default: %(default)s)")
     parser.add_argument("--token", help="management key (default: from TorchServe's key_file.json)")
-    parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the repository root)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: %(default)s)")
+    parser.add_argument("--key-file", help="TorchServe key file (default: ./key_file.json, then the checkout root)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for an answer (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print the server's answers as JSON")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("describe", help="model settings and workers").set_defaults(action=describe)
@@ -183,15 +182,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     watcher = commands.add_parser("metrics", help="key metrics from the metrics port")
     watcher.add_argument("--all", action="store_true", help="every metric, not only the key ones")
     watcher.set_defaults(action=metrics)
-    return parser.parse_args(argv)
+    commands.add_parser(
+        "wait-ready", help="wait up to --timeout seconds for a READY worker, polling the management API"
+    ).set_defaults(action=wait_ready)
+    args = parser.parse_args(argv)
+    configured = addresses(args.config)
+    args.management_url = (args.management_url or configured["management"]).rstrip("/")
+    args.metrics_url = (args.metrics_url or configured["metrics"]).rstrip("/")
+    args.inference_url = configured["inference"]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        token = None if args.action is metrics else resolve_token("management", args.token, args.key_file)
+        args = parse_args(argv)
+        token = None if args.action in (metrics, wait_ready) else resolve_token("management", args.token, args.key_file)
         print(args.action(args, token))
-    except (ServerError, KeyFileError) as error:
+    except (ServerError, KeyFileError, NotReadyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

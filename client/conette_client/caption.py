@@ -1,21 +1,29 @@
 #!/usr/bin/env python
 """Caption many audio files with a running conette-serve (TorchServe) server.
 
-    python scripts/caption.py --audio clips/ "more/**/*.flac" one.wav --csv_export captions.csv
+    conette-caption --audio clips/ "more/**/*.flac" one.wav --csv_export captions.csv
 
 The client-side counterpart of the reference's `conette-predict`: the same --audio, --task and
---csv_export arguments, plus the decoding options the server accepts. Each file is POSTed as raw
-bytes (Content-Type: application/octet-stream) to {url}/invocations?model_name={model} with the
-options as further query parameters, several at a time (--concurrency). Busy or unreachable servers (HTTP 502/503/504/507,
-connection errors, timeouts) are retried with exponential backoff; a file the server rejects is
-reported and the run goes on.
+--csv_export arguments, plus the decoding options the server accepts (their names, help and ranges come
+from conette_engine.decoding.DecodingOptions, as the server's do). Each file is POSTed as raw bytes
+(Content-Type: application/octet-stream) to {url}/invocations?model_name={model} with the options as
+further query parameters, several at a time (--concurrency).
+
+Retries (up to --retries per file, exponential backoff with jitter, or the server's Retry-After):
+  * HTTP 502, 503, 504, 507: the server or a proxy in front of it is busy, restarting or out of memory;
+  * HTTP 500 from TorchServe's own frontend ({"code", "type", "message"}, message "Worker died."): the
+    worker running the batch died; TorchServe starts another, and the same file usually succeeds then;
+  * no answer: connection refused or dropped, timeouts.
+Never retried: every 4xx (the request itself is wrong: bad audio, bad option, refused token), and a 500
+with this project's own error body ({"error": {"type": "internal_error", ...}}): the handler failed on this
+input, a server bug that the same bytes would hit again. Such a file is reported and the run goes on.
 
 Output: one line per file on stdout ("PATH [task] caption"), or JSON lines with --json (the server's
 response plus "file", or "file", "task", "status" and "error" for a failed file); errors, the progress bar and a
 closing summary (files, audio hours, wall time, failures) on stderr.
 
 The inference token is --token, or the "inference" key of TorchServe's key_file.json, read from
---key-file, else from ./key_file.json, else from the repository root.
+--key-file, else from ./key_file.json, else from the root of the checkout the command runs from.
 
 Exit status: 0 when every file was captioned, 1 when some failed, 2 when the run could not start or
 the server refused the token.
@@ -34,21 +42,23 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import requests
 
-from torchserve_keys import KEY_FILE_NAME, KeyFileError, resolve_token
+from .keys import KEY_FILE_NAME, KeyFileError, resolve_token
+from .torchserve import DEFAULT_ADDRESSES, DEFAULT_MODEL
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_MODEL = "conette"
 # What a directory given to --audio contributes; files named explicitly are sent whatever their name.
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aif", ".aiff", ".wma"}
-# Server busy (TorchServe: 503 queue full or no worker, 507 worker out of memory) or a proxy in front
-# of it restarting (502, 504): worth another try later.
+# Server busy (TorchServe: 503 queue full or no worker, 507 worker out of memory or died) or a proxy in
+# front of it restarting (502, 504): worth another try later.
 RETRY_STATUSES = {502, 503, 504, 507}
-DECODING_OPTIONS = ("beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode", "threshold")
+# TorchServe's frontend answers a request whose worker died with 500 and this message (or with 507).
+WORKER_DIED_MESSAGE = "Worker died."
+# --task takes one task or one per file, so it is not one of the generated decoding-option flags.
+PER_FILE_OPTIONS = ("task",)
 CSV_COLUMNS = ("audio", "task", "candidate", "score", "tags", "duration_s", "error")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 
@@ -76,11 +86,17 @@ class Outcome:
         # "file", not "audio": the server's answer already has an "audio" object (duration, rate, channels).
         if self.response is not None:
             return json.dumps({"file": self.path, **self.response}, ensure_ascii=False)
-        return json.dumps({"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False)
+        return json.dumps(
+            {"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False
+        )
 
     def csv_row(self) -> dict:
         if self.response is None:
-            return {"audio": self.path, "task": self.task or "", "error": f"{self.error['type']}: {self.error['message']}"}
+            return {
+                "audio": self.path,
+                "task": self.task or "",
+                "error": f"{self.error['type']}: {self.error['message']}",
+            }
         return {
             "audio": self.path,
             "task": self.response.get("task", ""),
@@ -193,7 +209,7 @@ class Client:
                 if is_authorization_failure(response):
                     self.stopping.set()
                     raise AuthorizationError(f"{outcome.error['type']}: {outcome.error['message']}")
-                if response.status_code not in RETRY_STATUSES:
+                if not is_worth_retrying(response):
                     return outcome
                 retry_after = response.headers.get("Retry-After")
             if attempt < self.retries:
@@ -212,6 +228,20 @@ def error_of(response: requests.Response) -> dict:
         if "message" in inner:
             return {"type": str(inner.get("type", f"http_{response.status_code}")), "message": str(inner["message"])}
     return {"type": f"http_{response.status_code}", "message": response.text.strip()[:500] or response.reason}
+
+
+def is_worth_retrying(response: requests.Response) -> bool:
+    """Busy, restarting, or a worker that died under the request: the module docstring states the rule."""
+    if response.status_code in RETRY_STATUSES:
+        return True
+    if response.status_code != 500:
+        return False
+    try:
+        payload = response.json()
+    except ValueError:
+        return False
+    # TorchServe's frontend shape, never the handler's {"error": {...}} (internal_error: a server bug).
+    return isinstance(payload, dict) and "error" not in payload and payload.get("message") == WORKER_DIED_MESSAGE
 
 
 def is_authorization_failure(response: requests.Response) -> bool:
@@ -290,32 +320,81 @@ def summary_line(outcomes: list[Outcome], wall_s: float) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def add_decoding_options(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per decoding option the server accepts, from DecodingOptions' field metadata; their names."""
+    # Imported here: conette_engine imports torch, which only this command (not the light management
+    # helper) pays for, and only once it parses its arguments.
+    from conette_engine.decoding import DecodingOptions, describe_option
+
+    names = []
+    for spec in fields(DecodingOptions):
+        if spec.name in PER_FILE_OPTIONS:
+            continue
+        meta = spec.metadata
+        parser.add_argument(
+            f"--{spec.name}",
+            type=meta["kind"],
+            choices=meta["choices"],
+            help=f"{meta['help']}: {describe_option(spec.name)} (default: the checkpoint's, on the server)",
+        )
+        names.append(spec.name)
+    return names
+
+
+def check_decoding_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ranges checked before anything is sent: a value out of range would fail every file the same way."""
+    from conette_engine.decoding import DecodingOptions, describe_option
+
+    for spec in fields(DecodingOptions):
+        value = getattr(args, spec.name, None)
+        if spec.name in PER_FILE_OPTIONS or value is None or spec.metadata["low"] is None:
+            continue
+        if not spec.metadata["low"] <= value <= spec.metadata["high"]:
+            parser.error(f"--{spec.name} must be {describe_option(spec.name)}, got {value}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Caption audio files with a running conette-serve server.",
-        epilog="Exit status: 0 all captioned, 1 some files failed, 2 the run could not start or the token was refused.",
+        prog="conette-caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--audio", nargs="+", required=True, help="audio files, directories (walked) and glob patterns")
-    parser.add_argument("--task", nargs="+", default=None, help="task for all files, or one per file (default: the server's, clotho)")
-    parser.add_argument("--beam_size", type=int, help="beam width")
-    parser.add_argument("--min_pred_size", type=int, help="minimum caption length in tokens")
-    parser.add_argument("--max_pred_size", type=int, help="maximum caption length in tokens")
-    parser.add_argument("--forbid_rep_mode", help="repetition rule, e.g. content_words or none")
-    parser.add_argument("--threshold", type=float, help="AudioSet tag probability threshold")
+    parser.add_argument(
+        "--task", nargs="+", default=None, help="task for all files, or one per file (default: the server's, clotho)"
+    )
+    decoding_options = add_decoding_options(parser)
     parser.add_argument("--csv_export", help="write a CSV (audio,task,candidate,score,tags,duration_s,error)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file on stdout")
-    parser.add_argument("--url", default=DEFAULT_URL, help="inference API base URL (default: %(default)s)")
+    parser.add_argument(
+        "--url", default=DEFAULT_ADDRESSES["inference"], help="inference API base URL (default: %(default)s)"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name on the server (default: %(default)s)")
     parser.add_argument("--token", help="inference token (default: from TorchServe's key_file.json when found)")
-    parser.add_argument("--key-file", help=f"TorchServe key file to read the inference token from (default: ./{KEY_FILE_NAME}, then the repository root)")
+    parser.add_argument(
+        "--key-file",
+        help=f"TorchServe key file with the inference token (default: ./{KEY_FILE_NAME}, then the checkout root)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=5, help="retries per file on 502/503/504/507 and connection errors (default: %(default)s)")
-    parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer (default: %(default)s)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries per file on 502/503/504/507, a 500 'Worker died.', and connection errors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=0.5,
+        help="first retry delay in seconds, doubled each time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for one answer (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.retries < 0 or args.backoff < 0 or args.timeout <= 0:
         parser.error("--concurrency must be >= 1, --retries and --backoff >= 0, --timeout > 0")
+    check_decoding_options(parser, args)
+    args.decoding_options = decoding_options
     return args
 
 
@@ -327,13 +406,16 @@ def report(outcome: Outcome, as_json: bool) -> None:
     if outcome.response is None:
         status = f"HTTP {outcome.status}, " if outcome.status else ""
         tries = f", after {outcome.attempts} attempts" if outcome.attempts > 1 else ""
-        print(f"error: {outcome.path}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}", file=sys.stderr)
+        print(
+            f"error: {outcome.path}: {status}{outcome.error['type']}: {outcome.error['message']}{tries}",
+            file=sys.stderr,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     paths = expand_audio_args(args.audio)
     tasks = tasks_per_file(args.task, len(paths))
-    options = {name: str(getattr(args, name)) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+    options = {name: str(getattr(args, name)) for name in args.decoding_options if getattr(args, name) is not None}
     client = Client(
         # Not /predictions/{model}: TorchServe 0.12 drops the query string there, and with it the
         # options. /invocations (its SageMaker-style route) hands the query string to the handler.
@@ -350,7 +432,9 @@ def run(args: argparse.Namespace) -> int:
     progress.draw()
     refused: AuthorizationError | None = None
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = {pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))}
+        futures = {
+            pool.submit(client.caption, path, task): index for index, (path, task) in enumerate(zip(paths, tasks))
+        }
         try:
             for future in as_completed(futures):
                 try:

@@ -1,54 +1,39 @@
 """Benchmark the in-process engine: per-stage times, clips/s, and the encoder's achieved GFLOP/s next to a large
 float32 matmul's GFLOP/s measured in the same run (the machine's practical ceiling).
 
-    python scripts/bench_model.py --checkpoint DIR [--threads 2] [--repeat 3]
-        [--reference-oracle ../shared/conette-reference/oracle --reference-python ~/.cache/conette-oracle/venv/bin/python]
+    python tools/bench_model.py --checkpoint DIR [--threads 2] [--repeat 3]
+        [--reference-oracle ../shared/conette-reference/oracle
+         --reference-python ~/.cache/conette-oracle/venv/bin/python]
 
 Workloads: 1 x 10 s, 8 x 10 s, and a mixed-length batch (2, 5, 10, 20 s), all 44.1 kHz stereo 16-bit WAV,
 beam 3 (the checkpoint's defaults). "rest / encoder" is everything but the encoder forward (log-mel + ConvNeXt +
-projection) over the encoder forward: decoding, resampling, beam search, tags, text. Each number is the median of --repeat runs. With --reference-*, the
-reference implementation (conette 0.3.2, run by the oracle's golden.py in its own venv) is timed on the same
-files and checkpoint, and the captions are compared.
+projection) over the encoder forward: decoding, resampling, beam search, tags, text. Each number is the median
+of --repeat runs. With --reference-*, the reference implementation (conette 0.3.2, run by the oracle's golden.py
+in its own venv) is timed on the same files and checkpoint, and the captions are compared.
 """
 
 import argparse
-import io
 import json
-import math
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
-
-from conette_engine import CaptioningEngine  # noqa: E402
-from conette_engine.audio import decode_audio, prepare_waveform  # noqa: E402
+from audio_factory import audio_bytes
+from conette_engine import CaptioningEngine
+from conette_engine.audio import decode_audio, prepare_waveform
 
 SOURCE_RATE = 44_100
 MATMUL_SIZE = 2048
 
 
 def make_wav(seconds: float, seed: int) -> bytes:
-    """Stereo 16-bit 44.1 kHz: a chirp on the left, noise bursts on the right."""
-    generator = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * SOURCE_RATE)) / SOURCE_RATE
-    left = 0.3 * torch.sin(2 * math.pi * (200 + 400 * t) * t)
-    right = 0.2 * torch.randn(t.shape, generator=generator) * (torch.sin(2 * math.pi * 0.5 * t) > 0)
-    samples = (torch.stack([left, right], dim=1).clamp(-1, 1) * 32767).to(torch.int16)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(2)
-        out.setsampwidth(2)
-        out.setframerate(SOURCE_RATE)
-        out.writeframes(samples.numpy().tobytes())
-    return buffer.getvalue()
+    """Stereo 16-bit 44.1 kHz white noise, a different one per seed."""
+    return audio_bytes("wav16", seconds=seconds, sample_rate=SOURCE_RATE, channels=2, signal="noise", seed=seed)
 
 
 def matmul_gflops(repeat: int = 10) -> float:
@@ -151,7 +136,8 @@ def main() -> None:
             reference = reference_times(args, paths, args.checkpoint.resolve(), work)
 
     header = ("| workload | decode | resample | log-mel | encoder | beam search | total | clips/s | "
-              "encoder GFLOP/s (% of matmul) | rest / encoder |" + (" reference total | speed-up |" if reference else ""))
+              "encoder GFLOP/s (% of matmul) | rest / encoder |"
+              + (" reference total | speed-up |" if reference else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, wavs in workloads.items():

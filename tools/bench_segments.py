@@ -1,10 +1,10 @@
 """Benchmark segmented captioning: the cost of a window, and the memory of streaming a long recording.
 
-    python scripts/bench_segments.py captions --checkpoint DIR [--threads 2] [--duration 120]
+    python tools/bench_segments.py captions --checkpoint DIR [--threads 2] [--duration 120]
         one segmented clip of --duration seconds (44.1 kHz stereo WAV), for several window lengths and hops:
         seconds to decode + resample, to caption all windows (one engine call), per window, and audio
         minutes captioned per minute; from these, the longest clip a batch may hold within a time budget
-    python scripts/bench_segments.py stream --audio FILE [--segment 30] [--hop S]
+    python tools/bench_segments.py stream --audio FILE [--segment 30] [--hop S]
         reads FILE's windows with stream_windows (decode + resample, no captioning): windows, seconds,
         and the process's peak resident memory (ru_maxrss) before and after
 
@@ -13,18 +13,14 @@ Speed goals are checked here, by printing numbers, never by timed tests.
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_model import make_wav  # noqa: E402
-from conette_engine import CaptioningEngine, DecodingOptions  # noqa: E402
-from conette_engine.segments import stream_windows  # noqa: E402
+from bench_model import make_wav
+from conette_engine import CaptioningEngine, DecodingOptions
+from conette_engine.segments import stream_windows
 
 WINDOWS = [(10.0, None), (30.0, None), (10.0, 2.5)]
 

@@ -1,8 +1,9 @@
-"""Real encoded audio made at test time with FFmpeg (and espeak-ng for speech), for any test.
+"""Real encoded audio made with FFmpeg (and espeak-ng for speech), for the tests and the benchmarks.
 
-    from audio_factory import make_audio, FORMATS
+    from audio_factory import make_audio, audio_bytes, FORMATS
     path = make_audio(tmp_path, "mp3", seconds=2.0, sample_rate=44100, channels=2)
     path = make_audio(tmp_path, "ogg", signal="speech")
+    data = audio_bytes("wav16", seconds=10.0, sample_rate=44100, channels=2, signal="noise", seed=3)
 
 Formats (FORMATS): wav16, wav24, wavf32, flac, mp3, ogg (Vorbis), opus (Ogg Opus), m4a (AAC),
 webm (Opus). Opus files are always encoded, and decode, at 48 kHz (the codec's design): for
@@ -14,6 +15,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 # fmt -> (file extension, FFmpeg encoder arguments)
@@ -43,11 +45,12 @@ def make_audio(
     channels: int = 1,
     signal: str = "tone",
     name: str | None = None,
+    seed: int = 7,
 ) -> Path:
     """Encode `seconds` of audio with FFmpeg and return the file's path (in tmp_path).
 
     signal: "tone" (a different sine per channel, so a wrong down-mix shows), "noise"
-    (white noise at 0.3 amplitude, the same on every channel) or "speech" (espeak-ng
+    (white noise at 0.3 amplitude from `seed`, the same on every channel) or "speech" (espeak-ng
     saying SPEECH_TEXT, padded or cut to `seconds`, on every channel).
     """
     extension, codec_args = FORMATS[fmt]
@@ -57,7 +60,7 @@ def make_audio(
         expressions = "|".join(f"0.5*sin(2*PI*{220 * (k + 2)}*t)" for k in range(channels))
         inputs = ["-f", "lavfi", "-i", f"aevalsrc={expressions}:s={sample_rate}:d={seconds}"]
     elif signal == "noise":
-        inputs = ["-f", "lavfi", "-i", f"anoisesrc=a=0.3:c=white:r={sample_rate}:d={seconds}:seed=7"]
+        inputs = ["-f", "lavfi", "-i", f"anoisesrc=a=0.3:c=white:r={sample_rate}:d={seconds}:seed={seed}"]
     elif signal == "speech":
         spoken = out.with_suffix(".espeak.wav")
         _run([_tool("espeak-ng"), "-w", str(spoken), SPEECH_TEXT])
@@ -69,6 +72,12 @@ def make_audio(
     command += ["-ar", str(encoded_rate), "-ac", str(channels), *codec_args, str(out)]
     _run(command)
     return out
+
+
+def audio_bytes(fmt: str, **make_audio_args) -> bytes:
+    """The encoded file make_audio writes, as bytes (made in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return make_audio(Path(folder), fmt, **make_audio_args).read_bytes()
 
 
 def _run(command: list[str]) -> None:

@@ -3,14 +3,14 @@
 Maintainer tool (needs ffmpeg, espeak-ng and the reference oracle's virtualenv, which CI does not have); its
 output is committed under tests/fixtures/segments/:
 
-    python scripts/make_segment_goldens.py prepare --work /tmp/segment-oracle
+    python tools/make_segment_goldens.py prepare --work /tmp/segment-oracle
         encodes the recording (RECIPE below, skipped if the committed file exists), loads it with the engine's own
         audio code, cuts the windows of each CONFIGS entry, and writes an oracle spec: each window as a 32 kHz
         1-D tensor (the reference reads a tensor without `sr` as 32 kHz), one case per window, batch of one
     $ORACLE_ROOT/venv/bin/python ../shared/conette-reference/oracle/golden.py \
         --spec /tmp/segment-oracle/cases.json --out /tmp/segment-oracle/goldens \
         --model-dir ../shared/conette-reference/model
-    python scripts/make_segment_goldens.py pack --work /tmp/segment-oracle
+    python tools/make_segment_goldens.py pack --work /tmp/segment-oracle
         keeps each window's outputs (captions, tokens, scores, tag probabilities) in goldens.pt.xz
 
 The recording is committed as encoded (its bytes depend on the FFmpeg build); manifest.json holds its recipe,
@@ -23,16 +23,14 @@ import io
 import json
 import lzma
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "handler"))
+from conette_engine.audio import load_audio
+from conette_engine.segments import segment_bounds
 
-from conette_engine.audio import load_audio  # noqa: E402
-from conette_engine.segments import segment_bounds  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FIXTURES = REPO / "tests/fixtures/segments"
 RECORDING = FIXTURES / "street_and_music.mp4"
@@ -105,7 +103,8 @@ def prepare(work: Path) -> None:
     manifest_path = FIXTURES / "manifest.json"
     if not RECORDING.exists():
         recipe = make_recording(RECORDING, work)
-        manifest = {"recording": RECORDING.name, "recipe": " ".join(map(str, recipe)).replace(str(work), "$WORK").replace(str(REPO) + "/", ""),
+        recipe_text = " ".join(map(str, recipe)).replace(str(work), "$WORK").replace(str(REPO) + "/", "")
+        manifest = {"recording": RECORDING.name, "recipe": recipe_text,
                     "speech": SPEECH, "scenes": SCENES}
     else:
         manifest = json.loads(manifest_path.read_text())

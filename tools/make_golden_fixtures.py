@@ -3,7 +3,8 @@
 Maintainer tool: reads ../shared/conette-reference (or --reference), which CI does not have; its output
 is committed. --lone DIR adds goldens made with the oracle's golden.py for each item of the reference's
 mixed-length batches run alone (the contract is per item alone); their tensor inputs are referenced as
-items of the original tensor lists ({"kind": "tensor_list_item", ..., "index": i}). Keeps: the dev checkpoint, cases.json, tensor inputs, and per case the reference outputs,
+items of the original tensor lists ({"kind": "tensor_list_item", ..., "index": i}). Keeps: the dev checkpoint,
+cases.json, tensor inputs, and per case the reference outputs,
 the decoder memory, and (for single-item / equal-length cases) log-mel every 8th frame, frame embeddings
 and clip probabilities. The per-step decoder traces and full waveforms stay out (debugging only).
 """
@@ -29,7 +30,9 @@ def save_xz(obj, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/conette-reference")
+    parser.add_argument(
+        "--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/conette-reference"
+    )
     parser.add_argument("--lone", type=Path, help="oracle output for lone items (cases.json + goldens/)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/golden")
     args = parser.parse_args()
@@ -48,7 +51,8 @@ def main() -> None:
             spec["cases"].append(case)
         golden_paths += sorted((args.lone / "goldens").glob("lone_*.pt"))
     (out / "cases.json").write_text(json.dumps(spec, indent=1) + "\n")
-    save_xz({p.stem: torch.load(p, weights_only=True) for p in sorted((ref / "inputs").glob("*.pt"))}, out / "inputs.pt.xz")
+    inputs = {p.stem: torch.load(p, weights_only=True) for p in sorted((ref / "inputs").glob("*.pt"))}
+    save_xz(inputs, out / "inputs.pt.xz")
 
     goldens = {}
     for path in golden_paths:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fetch the official CoNeTTE checkpoint (config.json + pytorch_model.bin) from the Hugging Face hub.
 
-    python scripts/fetch_weights.py --out weights/conette
+    conette-fetch-weights --out weights/conette
 
 Downloads go through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE), so a second fetch of the
 same pinned revision costs nothing and works with HF_HUB_OFFLINE=1; HF_TOKEN and HF_ENDPOINT are
@@ -16,13 +16,14 @@ Exit status: 0 when --out holds verified files, 1 otherwise (with a one-paragrap
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import HASH_CHUNK_BYTES, sha256_and_size
 
 DEFAULT_REPO_ID = "Labbeti/conette"
 # Commit 39d0bef of Labbeti/conette ("Upload model", 2023-11-08): the commit that set
@@ -34,7 +35,6 @@ DEFAULT_WEIGHTS_SIZE = 202_634_582
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "pytorch_model.bin"
-HASH_CHUNK_BYTES = 1 << 20
 
 
 class FetchError(Exception):
@@ -45,16 +45,6 @@ class FetchError(Exception):
 class ExpectedWeights:
     sha256: str
     size: int
-
-
-def sha256_and_size(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def check_config(path: Path) -> None:
@@ -156,7 +146,9 @@ def download_to_cache(args: argparse.Namespace, filename: str) -> Path:
     except RemoteEntryNotFoundError as error:
         raise FetchError(f"{args.repo_id} has no {filename} at revision {args.revision} ({error}).") from error
     except HfHubHTTPError as error:
-        raise FetchError(f"The hub refused the download of {filename}: {error}. {manual_placement_help(args)}") from error
+        raise FetchError(
+            f"The hub refused the download of {filename}: {error}. {manual_placement_help(args)}"
+        ) from error
     except OSError as error:
         # Disk full, unwritable cache, size mismatch reported by huggingface_hub, ...
         raise FetchError(f"Downloading {filename} failed: {error}") from error
@@ -222,7 +214,7 @@ def fetch(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="conette-fetch-weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to hold config.json and pytorch_model.bin")
     parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="hub repository (default: %(default)s)")
     parser.add_argument(
@@ -235,7 +227,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sha256", default=DEFAULT_WEIGHTS_SHA256, help="expected sha256 of pytorch_model.bin (default: %(default)s)"
     )
     parser.add_argument(
-        "--size", type=int, default=DEFAULT_WEIGHTS_SIZE, help="expected size of pytorch_model.bin in bytes (default: %(default)s)"
+        "--size",
+        type=int,
+        default=DEFAULT_WEIGHTS_SIZE,
+        help="expected size of pytorch_model.bin in bytes (default: %(default)s)",
     )
     return parser.parse_args(argv)
 
@@ -245,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(fetch(args))
     except FetchError as error:
-        print(f"fetch_weights: {error}", file=sys.stderr)
+        print(f"conette-fetch-weights: {error}", file=sys.stderr)
         return 1
     return 0
 
