@@ -16,7 +16,7 @@ import golden_data
 from audio_factory import make_audio
 from conette_engine import audio as audio_module
 from conette_engine.audio import SAMPLE_RATE, AudioStream, MonoResampler, load_audio, prepare_waveform
-from conette_engine.decoding import DecodingOptions
+from conette_engine.decoding import MAX_SEGMENT_S, DecodingOptions
 from conette_engine.engine import CaptioningEngine, CaptionResult, SegmentedResult
 from conette_engine.errors import AudioError, OptionError
 from conette_engine.segments import segment_bounds, stream_windows
@@ -76,7 +76,7 @@ def test_window_lengths_and_hops_round_to_samples():
 def test_windows_cover_the_clip_for_any_length():
     rng = random.Random(0)
     for _ in range(500):
-        segment_s = rng.choice([1.0, 2.5, 10.0, 30.0])
+        segment_s = rng.choice([1.0, 2.5, 10.0, 29.0])
         hop_s = rng.choice([None, segment_s, segment_s / 2, segment_s / 4])
         n = rng.randint(1, 200 * SECOND)
         bounds = segment_bounds(n, segment_s, hop_s)
@@ -89,6 +89,16 @@ def test_windows_cover_the_clip_for_any_length():
         assert bounds[-1][1] - bounds[-1][0] < length + SECOND
         assert len(bounds) == 1 or bounds[-1][1] - bounds[-1][0] >= SECOND
         assert len(bounds) == 1 or bounds[-2][0] + length < n  # no window lies inside the last one
+
+
+def test_every_window_is_a_clip_a_whole_clip_request_accepts():
+    """The longest window (segment_s at its maximum, extended by just under 1 s) stays within 30 s."""
+    window = round(MAX_SEGMENT_S * SECOND)
+    (_, (start, stop)) = segment_bounds(2 * window + SECOND - 1, MAX_SEGMENT_S)  # a 1 s tail less one sample
+    assert stop - start == window + SECOND - 1
+    assert load_audio(torch.zeros(stop - start)).waveform.shape == (stop - start,)
+    with pytest.raises(OptionError):
+        DecodingOptions.parse({"segment_s": MAX_SEGMENT_S + 0.5}, TASKS)
 
 
 # --------------------------------------------------------------------------------------------------- options
@@ -106,14 +116,14 @@ def test_segment_and_hop_parse_as_numbers():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"segment_s": "0.5"}, r"segment_s must be a number in \[1.0, 30.0\]"),
-    ({"segment_s": "31"}, "segment_s must be a number"),
+    ({"segment_s": "0.5"}, r"segment_s must be a number in \[1.0, 29.0\]"),
+    ({"segment_s": "29.5"}, "segment_s must be a number"),
     ({"segment_s": "nan"}, "segment_s must be a number"),
     ({"segment_s": "ten"}, "segment_s must be a number"),
     ({"hop_s": "5"}, "hop_s needs segment_s"),
     ({"segment_s": "10", "hop_s": "11"}, r"hop_s \(11\) must be between segment_s / 4 \(2.5\) and segment_s \(10\)"),
     ({"segment_s": "10", "hop_s": "2"}, "at most 4 of them"),
-    ({"segment_s": "10", "hop_s": "0.1"}, r"hop_s must be a number in \[0.25, 30.0\]"),
+    ({"segment_s": "10", "hop_s": "0.1"}, r"hop_s must be a number in \[0.25, 29.0\]"),
 ])
 def test_bad_segmentation_options_are_refused(values, message):
     with pytest.raises(OptionError, match=message) as error:

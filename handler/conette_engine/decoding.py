@@ -31,10 +31,12 @@ MAX_PRED_SIZE_LIMIT = 100
 # Longest text a numeric option may be: bounds int()/float() work and refuses digit strings Python cannot convert.
 MAX_NUMBER_TEXT = 32
 # Segmented captioning (segments.py): a window is captioned as a standalone clip, so its length stays within the
-# 1-30 s the model was trained on. A hop shorter than a quarter of the window would put each moment in more than
-# MAX_WINDOW_OVERLAP windows: the encoder work per second of audio is bounded by that factor.
+# 1-30 s the model was trained on. The last window may be extended by up to 1 s (segments.MIN_LAST_WINDOW_S), so
+# windows are at most 29 s: every window, extended or not, is then also a clip a whole-clip request accepts
+# (max_duration_s, 30 s), which is how the caption CLI sends them. A hop shorter than a quarter of the window would
+# put each moment in more than MAX_WINDOW_OVERLAP windows: the encoder work per second of audio is bounded by that.
 MIN_SEGMENT_S = 1.0
-MAX_SEGMENT_S = 30.0
+MAX_SEGMENT_S = 29.0
 MIN_HOP_S = MIN_SEGMENT_S / 4
 MAX_WINDOW_OVERLAP = 4
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
