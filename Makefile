@@ -14,6 +14,9 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 TORCHSERVE := $(VENV)/bin/torchserve
 VENV_STAMP := $(VENV)/.installed
+# The KServe SDK, for the real-client tests only, in a virtualenv of its own (requirements-kserve.txt says why).
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
 DEFAULT_CHECKPOINT := weights/conette
 CHECKPOINT ?= $(DEFAULT_CHECKPOINT)
 MODEL_STORE := model_store
@@ -28,7 +31,7 @@ TS_CONFIG := config.properties
 CHECKOUT_PYTHON := PYTHONPATH=$(CURDIR)/client:$(CURDIR)/handler$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON)
 
 MAR_INPUTS := handler/conette_handler.py handler/model-config.yaml scripts/build_mar.sh handler/conette_engine/VERSION \
-	$(wildcard handler/conette_engine/*.py handler/conette_engine/data/*) \
+	$(wildcard handler/conette_engine/*.py handler/conette_engine/data/*) $(wildcard handler/conette_protocol/*.py) \
 	$(wildcard $(addprefix $(CHECKPOINT)/,config.json pytorch_model.bin model.safetensors vocab.json)) \
 	$(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/pytorch_model.bin) \
 	$(CHECKPOINT_RECORD)
@@ -42,7 +45,7 @@ help: ## this list
 	@awk -F ':.*## ' '/^## ?/ { sub(/^## ?/, ""); print; next } /^[a-z-]+:.*## / { printf "  make %-16s %s\n", $$1, $$2 }' \
 		$(firstword $(MAKEFILE_LIST))
 
-install: system-packages $(VENV_STAMP) ## Debian packages (FFmpeg, SoX, espeak-ng, Java 17), the virtualenv, this project (editable)
+install: system-packages $(VENV_STAMP) $(KSERVE_STAMP) ## Debian packages (FFmpeg, SoX, espeak-ng, Java 17), the virtualenvs, this project (editable)
 
 system-packages: ## only the Debian packages
 	@missing="$$(for tool in $(APT_PACKAGES); do command -v $$tool >/dev/null || echo $$tool; done)"; \
@@ -58,6 +61,11 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(KSERVE_STAMP): requirements-kserve.txt
+	test -x $(KSERVE_VENV)/bin/python || python3 -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q -r requirements-kserve.txt
 	touch $@
 
 weights: $(DEFAULT_CHECKPOINT)/pytorch_model.bin ## fetch and verify the official checkpoint into weights/conette
@@ -95,7 +103,7 @@ stop: | $(VENV_STAMP) ## stop the TorchServe that make serve started
 	$(TORCHSERVE) --stop
 
 test: install ## the whole test suite (it starts its own TorchServe on free ports, 18080-18082 when free)
-	$(PYTHON) -m pytest
+	CONETTE_KSERVE_PYTHON=$(abspath $(KSERVE_VENV)/bin/python) $(PYTHON) -m pytest
 
 bench: serve ## engine stages and GFLOP/s, then the running server vs the in-process engine (latency, throughput)
 	$(CHECKOUT_PYTHON) tools/bench_model.py --checkpoint $(CHECKPOINT)

@@ -42,7 +42,7 @@ archiver="$(dirname "$(command -v "$PYTHON")")/torch-model-archiver"
 staging="$(mktemp -d "${TMPDIR:-/tmp}/conette-mar.XXXXXX")"
 trap 'rm -rf "$staging"' EXIT
 # Everything in $staging/files lands at the root of the model directory TorchServe extracts; the worker has
-# that directory on PYTHONPATH, so `import conette_engine` works there.
+# that directory on PYTHONPATH, so `import conette_engine` and `import conette_protocol` work there.
 mkdir -p "$staging/files"
 
 if [ -f "$checkpoint_dir/model.safetensors" ] && [ -f "$checkpoint_dir/vocab.json" ]; then
@@ -57,8 +57,9 @@ else
     exit 1
 fi
 
-# The engine package, without bytecode caches.
+# The engine and protocol packages the handler imports, without bytecode caches.
 cp -r "$repo_root/handler/conette_engine" "$staging/files/conette_engine"
+cp -r "$repo_root/handler/conette_protocol" "$staging/files/conette_protocol"
 find "$staging/files" -name __pycache__ -type d -prune -exec rm -rf {} +
 
 mkdir -p "$export_dir"

@@ -46,10 +46,12 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from audio_factory import make_audio
 
 from conette_client.files import free_ports
 from conette_client.keys import KeyFileError, read_keys
 from conette_client.torchserve import NotReadyError, describe_model, read_properties, wait_until_ready, workers_of
+from conette_engine.engine import CaptioningEngine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "conette"
@@ -265,3 +267,49 @@ def ts_server(tmp_path_factory, model_store_dir):
     server.stop()
     left = server.own_processes()
     assert not left, f"processes left after stop: {left}"
+
+
+# ---- real encoded audio, and the in-process engine as the oracle of what the server must answer ----------------
+
+MAX_DURATION_S = 30.0  # handler: max_duration_s in handler/model-config.yaml
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, bytes]:
+    """Short clips in several containers/codecs, made with espeak-ng, FFmpeg and SoX."""
+    tmp = tmp_path_factory.mktemp("clips")
+    sox_clip = tmp / "pink_sox.wav"
+    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(sox_clip), "synth", "1.2", "pinknoise",
+                    "vol", "0.3"], check=True, capture_output=True)
+    paths = {
+        "speech_wav": make_audio(tmp, "wav16", seconds=2.0, sample_rate=22050, signal="speech"),
+        "tone_flac": make_audio(tmp, "flac", seconds=1.5, sample_rate=44100, channels=2),
+        "noise_mp3": make_audio(tmp, "mp3", seconds=2.5, sample_rate=44100, signal="noise"),
+        "tone_ogg": make_audio(tmp, "ogg", seconds=1.0, sample_rate=48000),
+        "speech_opus": make_audio(tmp, "opus", seconds=1.8, sample_rate=24000, signal="speech"),
+        "tone_m4a": make_audio(tmp, "m4a", seconds=1.3, sample_rate=32000, channels=2),
+        "noise_wav24": make_audio(tmp, "wav24", seconds=0.9, sample_rate=48000, signal="noise"),
+        "pink_sox_wav": sox_clip,
+        "too_long_wav": make_audio(tmp, "wav16", seconds=MAX_DURATION_S + 1, sample_rate=8000),
+    }
+    return {name: Path(path).read_bytes() for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def engine(test_checkpoint_dir) -> CaptioningEngine:
+    return CaptioningEngine.load(test_checkpoint_dir, max_duration_s=MAX_DURATION_S)
+
+
+@pytest.fixture(scope="session")
+def expected(engine, clips):
+    """expected(clip_name, **options) -> the engine's answer for that clip alone (memoized)."""
+    cache: dict = {}
+
+    def answer(name: str, **options) -> dict:
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            audio = engine.load_audio(clips[name])
+            cache[key] = engine.caption([audio], [engine.parse_options({"beam_size": 3, **options})])[0].to_dict()
+        return cache[key]
+
+    return answer

@@ -718,7 +718,7 @@ class EntryPoint:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the entry point did not exit within {timeout} s:\n{self.output()[-3000:]}")
+            raise AssertionError(f"the entry point did not exit within {timeout} s:\n{self.output()[-3000:]}") from None
 
 
 def concurrent_requests(count: int, send) -> tuple[list, threading.Thread]:
