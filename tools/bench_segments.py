@@ -2,8 +2,9 @@
 
     python tools/bench_segments.py captions --checkpoint DIR [--threads 2] [--duration 120]
         one segmented clip of --duration seconds (44.1 kHz stereo WAV), for several window lengths and hops:
-        seconds to decode + resample, to caption all windows (one engine call), per window, and audio
-        minutes captioned per minute; from these, the longest clip a batch may hold within a time budget
+        seconds to decode + resample, to encode and to beam-search all windows (one engine call), captioning
+        seconds per second of window audio (what a limit on segmented requests bounds), and audio minutes
+        captioned per minute
     python tools/bench_segments.py stream --audio FILE [--segment 30] [--hop S]
         reads FILE's windows with stream_windows (decode + resample, no captioning): windows, seconds,
         and the process's peak resident memory (ru_maxrss) before and after
@@ -36,19 +37,21 @@ def bench_captions(args) -> None:
     wav = make_wav(args.duration, seed=0)
     engine.caption([engine.load_audio(make_wav(10.0, seed=1))])  # warm-up
     print(f"threads {args.threads}; one clip of {args.duration:g} s (44.1 kHz stereo WAV); beam 3")
-    print("| segment_s | hop_s | windows | decode + resample s | caption s | s per window | audio min / min |")
-    print("|---|---|---|---|---|---|---|")
+    print("| segment_s | hop_s | windows | decode + resample s | encoder s | beam search s | caption s | "
+          "caption s per window audio s | audio min / min |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for segment_s, hop_s in WINDOWS:
         options = DecodingOptions(task=engine.tasks[0], segment_s=segment_s, hop_s=hop_s)
         start = time.perf_counter()
         audio = engine.load_audio(wav, options=options)
         loaded = time.perf_counter()
-        (result,) = engine.caption_segments([audio], [options])
+        timings: dict = {}
+        (result,) = engine.caption_segments([audio], [options], timings=timings)
         done = time.perf_counter()
-        n = len(result.segments)
-        total = done - start
-        print(f"| {segment_s:g} | {hop_s or segment_s:g} | {n} | {loaded - start:.2f} | {done - loaded:.2f} | "
-              f"{(done - loaded) / n:.3f} | {args.duration / total:.1f} |", flush=True)
+        window_s = sum(s.end_s - s.start_s for s in result.segments)
+        print(f"| {segment_s:g} | {hop_s or segment_s:g} | {len(result.segments)} | {loaded - start:.2f} | "
+              f"{timings['logmel'] + timings['encoder']:.2f} | {timings['beam_search']:.2f} | {done - loaded:.2f} | "
+              f"{(done - loaded) / window_s:.3f} | {args.duration / (done - start):.1f} |", flush=True)
 
 
 def bench_stream(args) -> None:
