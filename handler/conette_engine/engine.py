@@ -25,8 +25,8 @@ ENGINE_VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip
 
 # Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
 # (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
-# what a clip of its length costs: 8 requests of 300 s (batchSize 8) are ~60 s of work on 2 cores with the
-# full-size model, half of responseTimeout (docs/long-recordings.md has the measurements).
+# what a clip of its length costs: one 300 s request takes ~5.5 s on 2 cores with the full-size model, a full
+# batch of 8 ~45 s, well inside responseTimeout (120 s); docs/long-recordings.md has the measurements.
 DEFAULT_MAX_SEGMENTED_DURATION_S = 300.0
 
 
