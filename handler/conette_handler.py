@@ -19,14 +19,15 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from conette_engine.decoding import OPTION_NAMES
-from conette_engine.engine import CaptioningEngine
+from conette_engine.engine import DEFAULT_REQUEST_BEAM_BYTES, DEFAULT_REQUEST_WORK_S, CaptioningEngine, Work
 from conette_engine.errors import InputError
 from conette_protocol import HttpRequest, ServerError, choose_codec, error_reply
 
 logger = logging.getLogger(__name__)
 
 # Engine settings read from the `handler:` section of model-config.yaml; option values are server-wide defaults.
-HANDLER_SETTINGS = ("max_duration_s", "max_instances", "threads", *OPTION_NAMES)
+HANDLER_SETTINGS = ("max_duration_s", "max_instances", "max_request_work_s", "max_request_beam_mib", "threads",
+                    *OPTION_NAMES)
 
 
 def available_cpus() -> int:
@@ -57,8 +58,11 @@ class ConetteHandler(BaseHandler):
         device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
         # Importing BaseHandler turns TF32 on for Ampere+ GPUs; keep full float32 so answers match the reference.
         torch.set_float32_matmul_precision("highest")
+        work_limit = Work(float(settings.get("max_request_work_s", DEFAULT_REQUEST_WORK_S)),
+                          int(float(settings.get("max_request_beam_mib", DEFAULT_REQUEST_BEAM_BYTES / 2**20)) * 2**20))
         self.engine = CaptioningEngine.load(context.system_properties["model_dir"], device=device,
-                                            max_duration_s=float(settings.get("max_duration_s", 30.0)))
+                                            max_duration_s=float(settings.get("max_duration_s", 30.0)),
+                                            max_request_work=work_limit)
         # Clips per v1/v2 request: bounds one batch's work (batchSize x max_instances clips) below responseTimeout.
         self.max_instances = int(settings.get("max_instances", 8))
         self.default_options = {name: settings[name] for name in OPTION_NAMES if name in settings}
@@ -95,7 +99,9 @@ class ConetteHandler(BaseHandler):
             codec = choose_codec(http_request)
             parsed = codec.parse(http_request, self.max_instances)
             parsed = replace(parsed, request_id=parsed.request_id or self.context.get_request_id(idx))
-            return codec, parsed, [self._engine_input(item) for item in parsed.items]
+            inputs = [self._engine_input(item) for item in parsed.items]
+            self.engine.check_request_work(inputs)  # keeps a batch of batchSize requests under responseTimeout
+            return codec, parsed, inputs
         except InputError as error:
             return codec, parsed, error
         except Exception:  # a bug or a decoder crash on this request must not fail the others

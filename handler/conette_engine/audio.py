@@ -21,6 +21,7 @@ states the limit:
     audio_too_long           longer than max_duration_s (a setting, DEFAULT_MAX_DURATION_S; for
                              segmented captioning max_segmented_duration_s)
     non_finite_audio         NaN or infinite samples (tensors; decoders may produce them too)
+    audio_out_of_range       a sample beyond +/-MAX_ABS_SAMPLE (float WAVs and tensors can hold any value)
     audio_too_short          fewer than MIN_SAMPLES samples at 32 kHz after resampling
 
 Durations are checked before any expensive work: the container header's duration before
@@ -69,6 +70,12 @@ MAX_SAMPLE_RATE = 384_000
 # 7.1 surround is the most any common format carries. Every channel is resampled before the
 # down-mix (the reference's order), so channels multiply memory and time.
 MAX_CHANNELS = 8
+
+# Decoded PCM lies in [-1, 1]; float WAVs and tensors may hold anything. The log-mel power (STFT magnitude
+# squared, float32) overflows to inf once |sample| nears 1e17 (measured: finite up to 1e17, NaN caption, score and
+# tags at 1e19), so clips are refused far below that: 1000 is 60 dB above full scale, more than any real float
+# recording, and keeps the power below 1e14 times its full-scale value.
+MAX_ABS_SAMPLE = 1000.0
 
 # The model was trained on 1-30 s clips; the engine's max_duration_s setting defaults to this.
 DEFAULT_MAX_DURATION_S = 30.0
@@ -162,8 +169,8 @@ class AudioStream:
     length>).waveform`: every packet goes through the decoder in order (the samples of a whole decode)
     and MonoResampler cuts the same blocks as for a whole clip. Memory: about two blocks of decoded
     input, whatever the length.
-    Refusals are the AudioErrors of load_audio, minus audio_too_long; non-finite samples are found
-    chunk by chunk, so some chunks may have been yielded before the error.
+    Refusals are the AudioErrors of load_audio, minus audio_too_long; non-finite and out-of-range
+    samples are found chunk by chunk, so some chunks may have been yielded before the error.
     """
 
     def __init__(self, source: bytes | bytearray | memoryview | str | os.PathLike):
@@ -182,8 +189,7 @@ class AudioStream:
         pending: list[Tensor] = []
         n_pending = 0
         for data in self._decoded_frames():
-            if not torch.isfinite(data).all():
-                raise AudioError("the audio contains NaN or infinite samples", type="non_finite_audio")
+            _check_samples(data)
             self.n_frames += data.shape[-1]
             pending.append(data)
             n_pending += data.shape[-1]
@@ -368,8 +374,7 @@ def prepare_waveform(waveform: Tensor, sample_rate: int, max_duration_s: float, 
     _check_duration(n_frames, sample_rate, max_duration_s, segmented=segmented)
 
     waveform = waveform.detach().to(device="cpu", dtype=torch.float32)
-    if not torch.isfinite(waveform).all():
-        raise AudioError("the audio contains NaN or infinite samples", type="non_finite_audio")
+    _check_samples(waveform)
 
     resampler = MonoResampler(sample_rate, channels)
     waveform = torch.cat([*resampler.feed(waveform), *resampler.finish()])
@@ -475,6 +480,18 @@ def _open_decoder(source) -> tuple[AudioDecoder, int, int]:
     sample_rate = _checked_sample_rate(decoder.metadata.sample_rate)
     _check_channels(decoder.metadata.num_channels)
     return decoder, sample_rate, decoder.metadata.num_channels
+
+
+def _check_samples(waveform: Tensor) -> None:
+    if not torch.isfinite(waveform).all():
+        raise AudioError("the audio contains NaN or infinite samples", type="non_finite_audio")
+    peak = float(waveform.abs().max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(
+            f"the audio has a sample of magnitude {peak:.3g}; samples must lie within +/-{MAX_ABS_SAMPLE:g} "
+            "(audio is expected in [-1, 1])",
+            type="audio_out_of_range",
+        )
 
 
 def _check_min_length(n_samples: int, n_frames: int, sample_rate: int) -> None:

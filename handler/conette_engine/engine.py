@@ -1,6 +1,7 @@
 """CaptioningEngine: the one entry point of the package (loading, audio in, captions and tags out)."""
 
 import csv
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from torch import Tensor
 from . import audio as audio_io
 from .checkpoint import Checkpoint, load_checkpoint
 from .decoding import BeamResult, DecodingOptions, beam_search
-from .errors import AudioError, CheckpointError, OptionError
+from .errors import AudioError, CheckpointError, NonFiniteResultError, OptionError, WorkLimitError
 from .model import CoNeTTE, ModelDimensions
 from .segments import Span, segment_bounds
 
@@ -22,6 +23,51 @@ from .segments import Span, segment_bounds
 # The one version string of the project: pyproject.toml and build_mar.sh (the .mar's model version) read this
 # file too. A file next to the code, not package metadata: inside a .mar the package is not installed.
 ENGINE_VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
+
+# ---- Work of one item, so that no accepted batch can overrun TorchServe's responseTimeout or the memory limit ----
+# Upper estimates for the documented hardware (2 dedicated CPU cores, 2 torch threads, full-size model: ConvNeXt
+# 3,3,9,3, 6 decoder layers, d_model 256), from tools/bench_batch_work.py (docs/reliability.md, "Limits and the
+# work of one batch").
+# Encoder (log-mel + ConvNeXt + projection), one clip at a time: 0.017-0.021 s per audio second on a quiet host; 0.028
+# and 0.035 (CPU time / 2 threads) in batches of 64 and 48 x 30 s clips on a busy one.
+ENCODE_S_PER_AUDIO_S = 0.035
+# Beam search: a fixed cost per step (0.002 s measured) and a cost per live hypothesis per step, which grows with
+# the number of hypotheses in the batch (memory-bound: every hypothesis reads its own cross-attention keys/values):
+# 0.45 ms with 16 hypotheses, 2.9 ms (CPU time / 2 threads) with 256. min_pred_size = max_pred_size forces every
+# step, so max_pred_size bounds the steps.
+DECODE_S_PER_STEP = 0.002
+DECODE_S_PER_HYPOTHESIS_STEP = 0.003
+# Decoder memory held during the beam search, per hypothesis: cross-attention keys/values over the clip's encoder
+# frames plus the self-attention cache over its tokens (n_layers x K,V x d_model float32 = 12 KiB with 6 layers).
+# Encoder frames: 100 STFT frames per second, downsampled 32 times.
+BYTES_PER_HYPOTHESIS_FRAME = 12 * 1024
+ENCODER_FRAMES_PER_S = 100 / 32
+
+# Defaults for TorchServe's batchSize 8 and responseTimeout 120 s in a 4 GiB pod: a whole batch of 8 requests at
+# their limit is at most 84 s of compute (70 % of responseTimeout) and 1 GiB of beam-search memory on top of the
+# worker's ~2 GiB peak. Eight 30 s clips at the default options (beam 3, 20 tokens: 10.2 s) fit in one request.
+DEFAULT_REQUEST_WORK_S = 84.0 / 8
+DEFAULT_REQUEST_BEAM_BYTES = 1024**3 // 8
+
+
+@dataclass(frozen=True)
+class Work:
+    """Estimated cost of engine items: compute seconds (documented hardware) and beam-search memory in bytes."""
+
+    seconds: float
+    beam_bytes: int
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.seconds + other.seconds, self.beam_bytes + other.beam_bytes)
+
+
+def item_work(duration_s: float, options: DecodingOptions) -> Work:
+    """Upper estimate of one engine item's cost: a clip (or one window of a longer clip) with its options."""
+    steps = options.max_pred_size
+    seconds = (ENCODE_S_PER_AUDIO_S * duration_s
+               + steps * (DECODE_S_PER_STEP + DECODE_S_PER_HYPOTHESIS_STEP * options.beam_size))
+    frames = math.ceil(ENCODER_FRAMES_PER_S * duration_s) + 1
+    return Work(seconds, options.beam_size * (frames + steps) * BYTES_PER_HYPOTHESIS_FRAME)
 
 # Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
 # (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
@@ -105,9 +151,12 @@ def load_label_names() -> list[str]:
 class CaptioningEngine:
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu",
                  max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S, encoder_batch_size: int | None = None,
+                 max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES),
                  max_segmented_duration_s: float = DEFAULT_MAX_SEGMENTED_DURATION_S):
         self.device = torch.device(device)
         self.max_duration_s = float(max_duration_s)
+        # Per request: TorchServe batches up to batchSize requests, so batchSize x this bounds one batch.
+        self.max_request_work = max_request_work
         self.max_segmented_duration_s = float(max_segmented_duration_s)
         if not self.max_segmented_duration_s > 0:
             raise ValueError(f"max_segmented_duration_s must be positive, got {max_segmented_duration_s}")
@@ -149,9 +198,11 @@ class CaptioningEngine:
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
              max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S,
              encoder_batch_size: int | None = None,
+             max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES),
              max_segmented_duration_s: float = DEFAULT_MAX_SEGMENTED_DURATION_S) -> "CaptioningEngine":
         return cls(load_checkpoint(model_dir), device=device, max_duration_s=max_duration_s,
-                   encoder_batch_size=encoder_batch_size, max_segmented_duration_s=max_segmented_duration_s)
+                   encoder_batch_size=encoder_batch_size, max_request_work=max_request_work,
+                   max_segmented_duration_s=max_segmented_duration_s)
 
     def parse_options(self, values) -> DecodingOptions:
         return DecodingOptions.parse(values, tasks=self.tasks, defaults=self.defaults)
@@ -175,6 +226,23 @@ class CaptioningEngine:
             raise AudioError(
                 f"{error.message} (windows overlapping with hop_s {hop_s:g} < segment_s {options.segment_s:g} lower "
                 f"the limit of {self.max_segmented_duration_s:g} s in proportion)", type=error.type) from None
+
+    def check_request_work(self, items) -> Work:
+        """items: (DecodedAudio, DecodingOptions) pairs of one request. Returns their estimated Work; raises
+        WorkLimitError (400) when it exceeds max_request_work, before any model work is spent on them."""
+        items = list(items)
+        work = sum((item_work(audio.duration_s, opts) for audio, opts in items), Work(0.0, 0))
+        limit = self.max_request_work
+        if work.seconds > limit.seconds or work.beam_bytes > limit.beam_bytes:
+            audio_s = sum(audio.duration_s for audio, _ in items)
+            raise WorkLimitError(
+                f"this request is too expensive: {len(items)} clip(s), {audio_s:.1f} s of audio, up to "
+                f"{max(o.beam_size for _, o in items)} beams x {max(o.max_pred_size for _, o in items)} tokens "
+                f"is about {work.seconds:.1f} s of compute and {work.beam_bytes / 2**20:.0f} MiB of decoder memory; "
+                f"one request may use {limit.seconds:.1f} s and {limit.beam_bytes / 2**20:.0f} MiB. Send fewer or "
+                "shorter clips per request, or lower beam_size / max_pred_size"
+            )
+        return work
 
     @torch.inference_mode()
     def encode(self, waveforms: list[Tensor], timings: dict | None = None) -> tuple[list[Tensor], list[Tensor]]:
@@ -297,9 +365,14 @@ class CaptioningEngine:
         )
 
     def _result(self, beam: BeamResult, probs: Tensor, opts: DecodingOptions, audio) -> CaptionResult:
+        probs = probs.float().cpu()
+        if not (all(math.isfinite(score) for score in beam.scores) and bool(torch.isfinite(probs).all())):
+            raise NonFiniteResultError(
+                f"non-finite caption score or tag probability (audio: {audio.duration_s:.2f} s, "
+                f"peak |sample| {float(audio.waveform.abs().max()):.3g})"
+            )
         captions = [self.vocabulary.decode(tokens) for tokens in beam.tokens]
         best = beam.best
-        probs = probs.float().cpu()
         return CaptionResult(
             caption=captions[best],
             score=beam.scores[best],
@@ -311,7 +384,6 @@ class CaptioningEngine:
             clip_probs=probs,
             audio=audio,
         )
-
 
     def _tags(self, probs: Tensor, threshold: float | tuple[float, ...]) -> list[tuple[str, float]]:
         """AudioSet labels with probability >= threshold (one for all classes, or one per class), by class index."""

@@ -26,9 +26,20 @@ class OptionError(InputError):
     type = "invalid_option"
 
 
+class WorkLimitError(InputError):
+    """A request asks for more computation than one request may (clips x duration x beam_size x max_pred_size)."""
+
+    type = "request_too_expensive"
+
+
 class CheckpointError(Exception):
     """A checkpoint is malformed, incomplete or unsafe (not a client error)."""
 
 
 class UnsafePickleError(CheckpointError):
     """A pickle inside a checkpoint references something other than plain data."""
+
+
+class NonFiniteResultError(RuntimeError):
+    """The model produced a NaN or infinite score or probability. Never returned to a client as a result: JSON has
+    no NaN, and such numbers mean the computation broke (the server answers 500 for that request alone)."""
