@@ -1,6 +1,7 @@
 """The reference's golden outputs and the dev checkpoint, as committed under tests/fixtures/golden/.
 
-Made by tools/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format).
+Made by tools/make_golden_fixtures.py from ../shared/conette-reference (see its README for the format);
+the segmented-captioning goldens (tests/fixtures/segments/) by tools/make_segment_goldens.py.
 """
 
 import io
@@ -72,3 +73,18 @@ def _split_tensor(x: torch.Tensor) -> list[torch.Tensor]:
     if x.ndim == 3:
         return list(x)
     return [x]
+
+
+SEGMENTS = FIXTURES / "segments"
+
+
+@cache
+def segment_manifest() -> dict:
+    """The long recording's recipe and sha256, and per window configuration its windows' case ids and bounds."""
+    return json.loads((SEGMENTS / "manifest.json").read_text())
+
+
+@cache
+def segment_goldens() -> dict[str, dict]:
+    """Reference outputs per window case id (made by tools/make_segment_goldens.py)."""
+    return load_xz(SEGMENTS / "goldens.pt.xz")

@@ -245,3 +245,14 @@ def test_unknown_handler_settings_fail_at_load(test_checkpoint_dir):
                       model_yaml_config={"handler": {"beam_size": 2, "beam": 3}})
     with pytest.raises(ValueError, match="beam"):
         ConetteHandler().initialize(context)
+
+
+def test_segmented_options_are_never_answered_as_a_whole_clip(handler, clips, solo):
+    """Until requests are served segmented, segment_s/hop_s get a 400, never a whole-clip answer."""
+    replies = serve(handler, [raw(clips["tone"], segment_s="5"), raw(clips["speech"]),
+                              as_json({"audio": b64(clips["tone"]), "segment_s": 2, "hop_s": 1})])
+    assert [status for status, _, _ in replies] == [400, 200, 400]
+    for _, _, body in (replies[0], replies[2]):
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_option" and "segment_s" in error["message"]
+    assert_same(json.loads(replies[1][2]), solo("speech"))

@@ -60,7 +60,9 @@ def test_hostile_number_texts_are_option_errors(values, message):
 
 def test_option_names_and_ranges_come_from_the_dataclass():
     from conette_engine.decoding import OPTION_NAMES, describe_option
-    assert OPTION_NAMES == ("task", "beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode", "threshold")
+    assert OPTION_NAMES == ("task", "beam_size", "min_pred_size", "max_pred_size", "forbid_rep_mode", "threshold",
+                            "segment_s", "hop_s")
+    assert describe_option("segment_s") == "a number in [1.0, 29.0]"
     assert describe_option("beam_size") == f"an integer in [1, {MAX_BEAM_SIZE}]"
     assert describe_option("threshold") == "a number in [0.0, 1.0]"
     assert describe_option("forbid_rep_mode") == "one of ['none', 'content_words', 'all']"

@@ -30,6 +30,15 @@ MAX_BEAM_SIZE = 16
 MAX_PRED_SIZE_LIMIT = 100
 # Longest text a numeric option may be: bounds int()/float() work and refuses digit strings Python cannot convert.
 MAX_NUMBER_TEXT = 32
+# Segmented captioning (segments.py): a window is captioned as a standalone clip, so its length stays within the
+# 1-30 s the model was trained on. The last window may be extended by up to 1 s (segments.MIN_LAST_WINDOW_S), so
+# windows are at most 29 s: every window, extended or not, is then also a clip a whole-clip request accepts
+# (max_duration_s, 30 s), which is how the caption CLI sends them. A hop shorter than a quarter of the window would
+# put each moment in more than MAX_WINDOW_OVERLAP windows: the encoder work per second of audio is bounded by that.
+MIN_SEGMENT_S = 1.0
+MAX_SEGMENT_S = 29.0
+MIN_HOP_S = MIN_SEGMENT_S / 4
+MAX_WINDOW_OVERLAP = 4
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
 _DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
@@ -54,6 +63,10 @@ class DecodingOptions:
     max_pred_size: int = option(20, "maximum caption length in tokens", low=1, high=MAX_PRED_SIZE_LIMIT)
     forbid_rep_mode: str | None = option(None, "which tokens may not repeat", choices=FORBID_REP_MODES)
     threshold: float | tuple[float, ...] = option(0.3, "AudioSet tag probability threshold", low=0.0, high=1.0)
+    segment_s: float | None = option(None, "caption the clip as a timeline of windows of this many seconds",
+                                     low=MIN_SEGMENT_S, high=MAX_SEGMENT_S)
+    hop_s: float | None = option(None, "seconds between window starts (default: segment_s; less overlaps windows)",
+                                 low=MIN_HOP_S, high=MAX_SEGMENT_S)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any], tasks: list[str], defaults: "DecodingOptions | None" = None
@@ -81,7 +94,27 @@ class DecodingOptions:
                 f"min_pred_size ({options.min_pred_size}) must not exceed max_pred_size ({options.max_pred_size})",
                 "invalid_option",
             )
+        options.check_segmentation()
         return options
+
+    def check_segmentation(self) -> None:
+        """hop_s needs segment_s, and may neither leave gaps between windows nor overlap them too much."""
+        if self.segment_s is None:
+            if self.hop_s is not None:
+                raise OptionError("hop_s needs segment_s (the window length)", "invalid_option")
+            return
+        hop_s = self.segment_s if self.hop_s is None else self.hop_s
+        if not self.segment_s / MAX_WINDOW_OVERLAP <= hop_s <= self.segment_s:
+            raise OptionError(
+                f"hop_s ({hop_s:g}) must be between segment_s / {MAX_WINDOW_OVERLAP} "
+                f"({self.segment_s / MAX_WINDOW_OVERLAP:g}) "
+                f"and segment_s ({self.segment_s:g}): windows may overlap, each moment in at most "
+                f"{MAX_WINDOW_OVERLAP} of them, but not leave gaps", "invalid_option",
+            )
+
+    @property
+    def segmented(self) -> bool:
+        return self.segment_s is not None
 
 
 OPTION_NAMES = tuple(f.name for f in fields(DecodingOptions))

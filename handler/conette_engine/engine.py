@@ -5,7 +5,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -15,8 +15,9 @@ from torch import Tensor
 from . import audio as audio_io
 from .checkpoint import Checkpoint, load_checkpoint
 from .decoding import BeamResult, DecodingOptions, beam_search
-from .errors import CheckpointError, NonFiniteResultError, OptionError, WorkLimitError
+from .errors import AudioError, CheckpointError, NonFiniteResultError, OptionError, WorkLimitError
 from .model import CoNeTTE, ModelDimensions
+from .segments import Span, segment_bounds
 
 
 # The one version string of the project: pyproject.toml and build_mar.sh (the .mar's model version) read this
@@ -68,6 +69,12 @@ def item_work(duration_s: float, options: DecodingOptions) -> Work:
     frames = math.ceil(ENCODER_FRAMES_PER_S * duration_s) + 1
     return Work(seconds, options.beam_size * (frames + steps) * BYTES_PER_HYPOTHESIS_FRAME)
 
+# Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
+# (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
+# what a clip of its length costs: one 300 s request takes ~5.5 s on 2 cores with the full-size model, a full
+# batch of 8 ~45 s, well inside responseTimeout (120 s); docs/long-recordings.md has the measurements.
+DEFAULT_MAX_SEGMENTED_DURATION_S = 300.0
+
 
 @dataclass
 class CaptionResult:
@@ -83,19 +90,55 @@ class CaptionResult:
 
     def to_dict(self) -> dict:
         """JSON-ready: candidates and tags best first."""
+        return {**self._caption_dict(), "task": self.task, "tags": _tags_dict(self.tags),
+                "audio": _audio_dict(self.audio)}
+
+    def _caption_dict(self) -> dict:
         order = sorted(range(len(self.candidates)), key=lambda i: -self.candidates[i][1])
         return {
             "caption": self.caption,
             "score": self.score,
             "candidates": [{"caption": self.candidates[i][0], "score": self.candidates[i][1]} for i in order],
-            "task": self.task,
-            "tags": [{"label": label, "score": score} for label, score in sorted(self.tags, key=lambda t: -t[1])],
-            "audio": {
-                "duration_s": self.audio.duration_s,
-                "sample_rate": self.audio.sample_rate,
-                "channels": self.audio.channels,
-            },
         }
+
+
+@dataclass
+class Segment(Span):
+    """One window of a segmented clip and its caption."""
+
+    result: CaptionResult  # exactly what caption() gives for that slice alone
+
+
+@dataclass
+class SegmentedResult:
+    """A clip captioned as a timeline of windows (options.segment_s), see segments.py."""
+
+    segments: list[Segment]  # time order
+    task: str
+    tags: list[tuple[str, float]]  # clip level: per label the maximum probability over the windows, thresholded
+    clip_probs: Tensor  # (n_classes,) that maximum
+    audio: audio_io.DecodedAudio
+
+    def to_dict(self) -> dict:
+        """JSON-ready: segments in time order (each with its candidates and tags best first), clip-level tags."""
+        return {
+            "segments": [
+                {"start_s": segment.start_s, "end_s": segment.end_s, **segment.result._caption_dict(),
+                 "tags": _tags_dict(segment.result.tags)}
+                for segment in self.segments
+            ],
+            "tags": _tags_dict(self.tags),
+            "task": self.task,
+            "audio": _audio_dict(self.audio),
+        }
+
+
+def _tags_dict(tags: list[tuple[str, float]]) -> list[dict]:
+    return [{"label": label, "score": score} for label, score in sorted(tags, key=lambda t: -t[1])]
+
+
+def _audio_dict(audio: audio_io.DecodedAudio) -> dict:
+    return {"duration_s": audio.duration_s, "sample_rate": audio.sample_rate, "channels": audio.channels}
 
 
 def load_label_names() -> list[str]:
@@ -108,11 +151,15 @@ def load_label_names() -> list[str]:
 class CaptioningEngine:
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu",
                  max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S, encoder_batch_size: int | None = None,
-                 max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES)):
+                 max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES),
+                 max_segmented_duration_s: float = DEFAULT_MAX_SEGMENTED_DURATION_S):
         self.device = torch.device(device)
         self.max_duration_s = float(max_duration_s)
         # Per request: TorchServe batches up to batchSize requests, so batchSize x this bounds one batch.
         self.max_request_work = max_request_work
+        self.max_segmented_duration_s = float(max_segmented_duration_s)
+        if not self.max_segmented_duration_s > 0:
+            raise ValueError(f"max_segmented_duration_s must be positive, got {max_segmented_duration_s}")
         # On CPU one clip at a time is fastest (batching equal-length clips lowered the encoder's GFLOP/s
         # from ~150 to ~120 on 2 cores: larger activations fall out of cache); GPUs want batches.
         self.encoder_batch_size = encoder_batch_size or (1 if self.device.type == "cpu" else 16)
@@ -151,15 +198,34 @@ class CaptioningEngine:
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
              max_duration_s: float = audio_io.DEFAULT_MAX_DURATION_S,
              encoder_batch_size: int | None = None,
-             max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES)) -> "CaptioningEngine":
+             max_request_work: Work = Work(DEFAULT_REQUEST_WORK_S, DEFAULT_REQUEST_BEAM_BYTES),
+             max_segmented_duration_s: float = DEFAULT_MAX_SEGMENTED_DURATION_S) -> "CaptioningEngine":
         return cls(load_checkpoint(model_dir), device=device, max_duration_s=max_duration_s,
-                   encoder_batch_size=encoder_batch_size, max_request_work=max_request_work)
+                   encoder_batch_size=encoder_batch_size, max_request_work=max_request_work,
+                   max_segmented_duration_s=max_segmented_duration_s)
 
     def parse_options(self, values) -> DecodingOptions:
         return DecodingOptions.parse(values, tasks=self.tasks, defaults=self.defaults)
 
-    def load_audio(self, source, sample_rate: int | None = None) -> audio_io.DecodedAudio:
-        return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=self.max_duration_s)
+    def load_audio(self, source, sample_rate: int | None = None, options: DecodingOptions | None = None
+                   ) -> audio_io.DecodedAudio:
+        """Decode and validate one clip for the options it will be captioned with.
+
+        Whole clips are limited to max_duration_s. Segmented ones (options.segment_s) to max_segmented_duration_s
+        times hop_s / segment_s: overlapping windows encode each moment more than once.
+        """
+        if options is None or not options.segmented:
+            return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=self.max_duration_s)
+        hop_s = options.hop_s or options.segment_s
+        limit = self.max_segmented_duration_s * min(1.0, hop_s / options.segment_s)
+        try:
+            return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=limit, segmented=True)
+        except AudioError as error:
+            if error.type != "audio_too_long" or hop_s >= options.segment_s:
+                raise
+            raise AudioError(
+                f"{error.message} (windows overlapping with hop_s {hop_s:g} < segment_s {options.segment_s:g} lower "
+                f"the limit of {self.max_segmented_duration_s:g} s in proportion)", type=error.type) from None
 
     def check_request_work(self, items) -> Work:
         """items: (DecodedAudio, DecodingOptions) pairs of one request. Returns their estimated Work; raises
@@ -208,27 +274,80 @@ class CaptioningEngine:
     @torch.inference_mode()
     def caption(self, audios: list, options: list[DecodingOptions] | DecodingOptions | None = None,
                 timings: dict | None = None) -> list[CaptionResult]:
-        """audios: DecodedAudio (from load_audio: validated, 32 kHz mono); options: one per item (or one for all)."""
-        if not audios:
-            return []
+        """audios: DecodedAudio (from load_audio: validated, 32 kHz mono); options: one per item (or one for all).
+
+        Whole clips only: options with segment_s are refused (caption_segments cuts those clips into windows).
+        """
+        options = self._checked_items(audios, options)
+        if any(opts.segmented for opts in options):
+            raise OptionError("segment_s/hop_s ask for a timeline of windows, which whole-clip captioning does not "
+                              "give (segmented clips are captioned by CaptioningEngine.caption_segments)")
+        return self._caption_items([(a.waveform, o, a) for a, o in zip(audios, options)], timings)
+
+    @torch.inference_mode()
+    def caption_segments(self, audios: list, options: list[DecodingOptions] | DecodingOptions | None = None,
+                         timings: dict | None = None) -> list[CaptionResult | SegmentedResult]:
+        """Like caption(), but an item whose options set segment_s is cut into windows (segments.segment_bounds)
+        and answered with a SegmentedResult; the others get a CaptionResult. Every window of every item goes
+        through one encoder pass (equal-length windows share encoder batches on GPU) and one beam search, so a
+        batch mixing segmented and whole-clip requests is one engine call. Each window's result is exactly
+        caption() of its slice alone (a 32 kHz DecodedAudio).
+        """
+        options = self._checked_items(audios, options)
+        items, spans = [], []  # items: (waveform, options, audio) for the encoder and the beam search
+        for audio, opts in zip(audios, options):
+            if not opts.segmented:
+                spans.append(None)
+                items.append((audio.waveform, opts, audio))
+                continue
+            bounds = segment_bounds(audio.waveform.shape[0], opts.segment_s, opts.hop_s)
+            spans.append(bounds)
+            window_options = replace(opts, segment_s=None, hop_s=None)
+            for start, stop in bounds:
+                window = audio.waveform[start:stop]
+                items.append((window, window_options, audio_io.DecodedAudio(
+                    waveform=window, sample_rate=audio_io.SAMPLE_RATE, channels=1,
+                    duration_s=(stop - start) / audio_io.SAMPLE_RATE)))
+        results = iter(self._caption_items(items, timings))
+        answers: list[CaptionResult | SegmentedResult] = []
+        for audio, opts, bounds in zip(audios, options, spans):
+            if bounds is None:
+                answers.append(next(results))
+                continue
+            windows = [next(results) for _ in bounds]
+            clip_probs = torch.stack([w.clip_probs for w in windows]).max(dim=0).values
+            answers.append(SegmentedResult(
+                segments=[Segment(start, stop, window) for (start, stop), window in zip(bounds, windows)],
+                task=opts.task, tags=self._tags(clip_probs, opts.threshold), clip_probs=clip_probs, audio=audio,
+            ))
+        return answers
+
+    def _checked_items(self, audios: list, options) -> list[DecodingOptions]:
         if options is None or isinstance(options, DecodingOptions):
             options = [options or self.defaults] * len(audios)
         if len(options) != len(audios):
             raise ValueError(f"{len(options)} options for {len(audios)} audios")
-        timings = timings if timings is not None else {}
         for opts in options:
             if opts.task not in self._task_token:
                 raise OptionError(f"task must be one of {self.tasks}, got {opts.task!r}")
+            opts.check_segmentation()
         if not all(isinstance(a, audio_io.DecodedAudio) for a in audios):
             raise TypeError("caption() takes DecodedAudio items: pass clips through load_audio() first")
+        return list(options)
 
-        memories, clip_probs = self.encode([a.waveform for a in audios], timings)
+    def _caption_items(self, items: list[tuple[Tensor, DecodingOptions, audio_io.DecodedAudio]],
+                       timings: dict | None) -> list[CaptionResult]:
+        """items: (mono 32 kHz waveform, options, the DecodedAudio it is reported as).
+
+        One encoder pass and one beam search for all of them."""
+        if not items:
+            return []
+        timings = timings if timings is not None else {}
+        memories, clip_probs = self.encode([waveform for waveform, _, _ in items], timings)
         with _timed(timings, "beam_search"):
-            beams = self._beam_search(memories, options)
-        return [
-            self._result(beam, probs, opts, audio)
-            for beam, probs, opts, audio in zip(beams, clip_probs, options, audios)
-        ]
+            beams = self._beam_search(memories, [opts for _, opts, _ in items])
+        return [self._result(beam, probs, opts, audio)
+                for beam, probs, (_, opts, audio) in zip(beams, clip_probs, items)]
 
     def _beam_search(self, memories: list[Tensor], options: list[DecodingOptions]) -> list[BeamResult]:
         lengths = torch.tensor([m.shape[0] for m in memories], device=self.device)
@@ -254,8 +373,6 @@ class CaptioningEngine:
             )
         captions = [self.vocabulary.decode(tokens) for tokens in beam.tokens]
         best = beam.best
-        threshold = torch.as_tensor(opts.threshold, dtype=probs.dtype)
-        tag_ids = (probs >= threshold).nonzero()[:, 0].tolist()
         return CaptionResult(
             caption=captions[best],
             score=beam.scores[best],
@@ -263,10 +380,15 @@ class CaptioningEngine:
             candidate_tokens=beam.tokens,
             best_tokens=beam.tokens[best],
             task=opts.task,
-            tags=[(self.label_names[i], float(probs[i])) for i in tag_ids],
+            tags=self._tags(probs, opts.threshold),
             clip_probs=probs,
             audio=audio,
         )
+
+    def _tags(self, probs: Tensor, threshold: float | tuple[float, ...]) -> list[tuple[str, float]]:
+        """AudioSet labels with probability >= threshold (one for all classes, or one per class), by class index."""
+        tag_ids = (probs >= torch.as_tensor(threshold, dtype=probs.dtype)).nonzero()[:, 0].tolist()
+        return [(self.label_names[i], float(probs[i])) for i in tag_ids]
 
 
 @contextmanager
