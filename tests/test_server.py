@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -284,7 +285,11 @@ def test_scaling_up_and_down_under_load(ts_server, clips, expected):
 
     # TorchServe 0.12 stops the removed worker at once: the requests it had taken from the queue are put back,
     # answered "Worker died.", or (a frontend race) never answered. Only these three outcomes may occur.
-    shrunk = under_load(lambda: scale(1))
+    def serve_a_while_then_scale_down() -> None:
+        time.sleep(2.0)  # both workers take batches when the removal comes
+        scale(1)
+
+    shrunk = under_load(serve_a_while_then_scale_down)
     answered = [answer for status, answer in shrunk if status == 200]
     died = [answer for status, answer in shrunk if status == 500 and answer.get("message") == "Worker died."]
     no_answer = [error for status, error in shrunk if status is None and isinstance(error, requests.ReadTimeout)]
