@@ -54,15 +54,17 @@ def test_raw_body_with_query_options(ts_server, clips, expected, engine):
 
 def test_multipart_form(ts_server, clips, expected):
     response = ts_server.predict(files={"audio": ("long.m4a", clips[LONG], "audio/mp4")},
-                                 data={"segment_s": "12.5", "task": "macs", "threshold": "0.4"})
+                                 data={k: str(v) for k, v in OPTIONS.items()})
     assert response.status_code == 200, response.text
-    assert_same_segmented(response.json(), expected(LONG, segment_s=12.5, task="macs", threshold=0.4))
+    assert_same_segmented(response.json(), expected(LONG, **OPTIONS))
 
 
 def test_json_body(ts_server, clips, expected):
-    response = ts_server.predict(json={"audio": b64(clips[LONG]), **OPTIONS, "beam_size": 2})
+    response = ts_server.predict(json={"audio": b64(clips["speech_opus"]), "segment_s": 1.2, "hop_s": 0.4,
+                                       "task": "macs", "beam_size": 2, "threshold": 0.4})
     assert response.status_code == 200, response.text
-    assert_same_segmented(response.json(), expected(LONG, **OPTIONS, beam_size=2))
+    assert_same_segmented(response.json(), expected("speech_opus", segment_s=1.2, hop_s=0.4, task="macs",
+                                                    beam_size=2, threshold=0.4))
 
 
 def test_kserve_v1_instances_each_segmented_or_not(ts_server, clips, expected):
