@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pty
+import re
 import subprocess
 
 import pytest
@@ -44,7 +45,7 @@ def recordings(tmp_path_factory) -> dict[str, object]:
     mix = folder / "mix.wav"
     run_tool("sox", str(parts[0]), str(parts[1]), str(parts[2]), str(parts[0]), str(parts[1]), str(mix))
     videos = {}
-    for name, codec in (("street.mp4", "aac"), ("street.mkv", "libopus")):
+    for name, codec in (("street.mp4", "aac"), ("street_opus.mkv", "libopus")):
         videos[name] = folder / name
         run_tool("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                  "testsrc=s=64x48:r=2", "-i", str(mix), "-shortest", "-map", "0:v", "-map", "1:a",
@@ -80,7 +81,7 @@ def caption_args(ts_server, *args: str) -> list[str]:
 
 
 def test_json_is_the_server_side_segmented_answer(ts_server, engine, recordings):
-    paths = [recordings["street.mp4"], recordings["street.mkv"]]
+    paths = [recordings["street.mp4"], recordings["street_opus.mkv"]]
     csv_path = paths[0].parent / "windows.csv"
     result = run_caption("--audio", *map(str, paths), *caption_args(ts_server, "--json", "--beam_size", "2",
                                                                     "--csv_export", str(csv_path)))
@@ -123,12 +124,13 @@ def test_srt_and_vtt_parse_and_play_in_ffmpeg(ts_server, recordings, tmp_path):
     srt_path.write_text(result.stdout)
 
     out_dir = tmp_path / "vtt"
-    both = [recordings["street.mp4"], recordings["street.mkv"]]
+    both = [recordings["street.mp4"], recordings["street_opus.mkv"]]
     result = run_caption("--audio", *map(str, both), *caption_args(ts_server, "--format", "vtt", "--out-dir",
                                                                    str(out_dir)))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    vtt_cues = webvtt.read(str(out_dir / "street.vtt"))  # the mkv's: written last, same stem
+    assert sorted(p.name for p in out_dir.iterdir()) == ["street.vtt", "street_opus.vtt"]
+    vtt_cues = webvtt.read(str(out_dir / "street.vtt"))
     assert [cue.text for cue in vtt_cues] == [s["caption"] for s in segments]
     assert vtt_cues[1].start == "00:00:05.000"
 
@@ -140,15 +142,15 @@ def test_srt_and_vtt_parse_and_play_in_ffmpeg(ts_server, recordings, tmp_path):
                      "stream=codec_name,nb_read_packets", "-of", "json", str(muxed))
     [stream] = json.loads(probe.stdout)["streams"]
     assert stream["codec_name"] == "mov_text" and int(stream["nb_read_packets"]) >= len(segments)
-    run_tool("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(recordings["street.mkv"]),
-             "-vf", f"subtitles={out_dir / 'street.vtt'}", "-an", "-f", "null", "-")
+    run_tool("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(recordings["street_opus.mkv"]),
+             "-vf", f"subtitles={out_dir / 'street_opus.vtt'}", "-an", "-f", "null", "-")
 
 
 def test_text_output_and_the_progress_bar_counts_windows(ts_server, recordings):
     """The progress bar is drawn on a terminal only: stderr is a pseudo-terminal here."""
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [*CAPTION, "--audio", str(recordings["street.mkv"]), *caption_args(ts_server)],
+        [*CAPTION, "--audio", str(recordings["street_opus.mkv"]), *caption_args(ts_server)],
         stdout=subprocess.PIPE, stderr=terminal, text=True, env=checkout_env(),
     )
     os.close(terminal)
@@ -164,13 +166,15 @@ def test_text_output_and_the_progress_bar_counts_windows(ts_server, recordings):
     stdout = process.stdout.read()
     assert process.wait(timeout=120) == 0, drawn
     os.close(controller)
-    windows = list(stream_windows(recordings["street.mkv"], SEGMENT_S, HOP_S))
+    windows = list(stream_windows(recordings["street_opus.mkv"], SEGMENT_S, HOP_S))
     lines = stdout.splitlines()
-    assert lines[0] == f"{recordings['street.mkv']} [clotho]"
+    assert lines[0] == f"{recordings['street_opus.mkv']} [clotho]"
     assert lines[1].startswith("[00:00:00.000 --> 00:00:10.000] ") and len(lines) == 1 + len(windows)
     assert lines[-1].startswith(f"[{timestamp(windows[-1].start_s)} --> {timestamp(windows[-1].end_s)}] ")
     n = len(windows)
-    assert f" {n}/{n} windows, 0 failed".encode() in drawn and f" 1/{n} windows".encode() in drawn
+    counts = [(int(done), int(total)) for done, total in re.findall(rb"\] (\d+)/(\d+) windows, 0 failed", drawn)]
+    # One step per answered window; the total is estimated from the container's duration until the file is read.
+    assert [done for done, _ in counts if done] == list(range(1, n + 1)) + [n] and counts[-1] == (n, n)
 
 
 # ------------------------------------------------------------------------------ scripted server
@@ -212,11 +216,11 @@ def test_a_failed_window_fails_its_file_and_the_run_goes_on(recordings, tmp_path
     bad.write_text("not a video\n")
     error = {"error": {"type": "internal_error", "message": "the server failed on this request"}}
     with ScriptedServer(lambda n, request: (500, error)) as server:
-        result = run_caption("--audio", str(recordings["street.mkv"]), str(bad), "--url", server.url,
+        result = run_caption("--audio", str(recordings["street_opus.mkv"]), str(bad), "--url", server.url,
                              "--segment", "10", "--format", "csv")
     assert result.returncode == 1
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert [row["file"] for row in rows] == [str(recordings["street.mkv"]), str(bad)]
+    assert [row["file"] for row in rows] == [str(recordings["street_opus.mkv"]), str(bad)]
     assert rows[0]["error"].startswith("internal_error: window 00:00:") and rows[1]["error"].startswith("undecodable")
     assert len(server.requests) <= 2 * 4 + 1  # stopped sending once a window failed
     assert "2 files, 0 captioned, 2 failed" in result.stderr
@@ -240,6 +244,10 @@ def test_several_inputs_as_subtitles_need_an_output_folder(tmp_path):
     result = run_caption("--audio", str(tmp_path / "a.mp4"), str(tmp_path / "b.mkv"), "--segment", "10",
                          "--format", "vtt")
     assert result.returncode == 2 and "needs --out-dir" in result.stderr
+    (tmp_path / "b").mkdir()
+    result = run_caption("--audio", str(tmp_path / "a.mp4"), str(tmp_path / "b" / "a.mkv"), "--segment", "10",
+                         "--format", "srt", "--out-dir", str(tmp_path / "subtitles"))
+    assert result.returncode == 2 and "would share a subtitle file" in result.stderr
 
 
 def test_cues_of_overlapping_windows_do_not_overlap():

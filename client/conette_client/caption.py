@@ -308,11 +308,12 @@ class ProgressBar:
         if not self.enabled:
             return
         width = 30
-        filled = width * self.done // max(self.total, 1)
+        total = max(self.total, self.done)  # windows are estimated from the header until a file is read through
+        filled = width * self.done // max(total, 1)
         elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        eta = elapsed / self.done * (total - self.done) if self.done else 0.0
         sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.unit}, "
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} {self.unit}, "
             f"{self.failed} failed, {elapsed:.0f}s elapsed, ~{eta:.0f}s left "
         )
         sys.stderr.flush()
@@ -560,7 +561,8 @@ def estimated_windows(path: str, segment_s: float, hop_s: float | None) -> int:
     from torchcodec.decoders import AudioDecoder
 
     try:
-        duration_s = AudioDecoder(path).metadata.duration_seconds_from_header
+        metadata = AudioDecoder(path).metadata
+        duration_s = metadata.duration_seconds_from_header or metadata.duration_seconds  # Matroska: no header one
     except Exception:  # noqa: BLE001 - only an estimate: the file's own error comes when it is read
         return 0
     return len(segment_bounds(round(duration_s * SAMPLE_RATE), segment_s, hop_s)) if duration_s else 0
