@@ -586,12 +586,19 @@ def caption_recording(pool: ThreadPoolExecutor, client: Client, path: str, task:
     failed = threading.Event()
     sent: list[tuple[int, int, Future]] = []
 
-    def answered(future: Future) -> None:
-        slots.release()
-        window_failed = future.exception() is not None or future.result().response is None
-        if window_failed:
+    def send_window(body: bytes) -> Outcome:
+        # Counted before the answer is handed back, so the bar has every window once the answers are collected.
+        try:
+            answer = client.send(body, Outcome(path=path, task=task))
+        except BaseException:
             failed.set()
-        progress.update(failed=window_failed)
+            raise
+        finally:
+            slots.release()
+        if answer.response is None:
+            failed.set()
+        progress.update(failed=answer.response is None)
+        return answer
 
     try:
         stream = AudioStream(path)
@@ -600,9 +607,7 @@ def caption_recording(pool: ThreadPoolExecutor, client: Client, path: str, task:
                 break
             body = float_wav_bytes(window.waveform.numpy().tobytes())
             slots.acquire()
-            future = pool.submit(client.send, body, Outcome(path=path, task=task))
-            future.add_done_callback(answered)
-            sent.append((window.start, window.stop, future))
+            sent.append((window.start, window.stop, pool.submit(send_window, body)))
     except InputError as error:
         outcome.error = {"type": error.type, "message": str(error)}
     answers = [(start, stop, future.result()) for start, stop, future in sent]  # raises AuthorizationError
