@@ -22,6 +22,13 @@ Output: one line per file on stdout ("PATH [task] caption"), or JSON lines with 
 response plus "file", or "file", "task", "status" and "error" for a failed file); errors, the progress bar and a
 closing summary (files, audio hours, wall time, failures) on stderr.
 
+Long recordings and video (--segment S [--hop H]): each file is read locally in bounded memory with the
+engine's streamed decoding and resampling, cut into the windows a server would cut for segment_s / hop_s,
+and each window is sent as its own request (its 32 kHz samples as a float32 WAV), --concurrency at a time,
+with the retry rule above; the answers are reassembled into the server's segmented answer. --format text,
+json, csv, srt or vtt (subtitles: one cue per window; several inputs need --out-dir). See
+docs/long-recordings.md and docs/commands.md.
+
 The inference token is --token, or the "inference" key of TorchServe's key_file.json, read from
 --key-file, else from ./key_file.json, else from the root of the checkout the command runs from.
 
