@@ -19,14 +19,16 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from conette_engine.decoding import OPTION_NAMES
-from conette_engine.engine import DEFAULT_REQUEST_BEAM_BYTES, DEFAULT_REQUEST_WORK_S, CaptioningEngine, Work
+from conette_engine.engine import (DEFAULT_MAX_SEGMENTED_DURATION_S, DEFAULT_REQUEST_BEAM_BYTES, DEFAULT_REQUEST_WORK_S,
+                                   CaptioningEngine, Work)
 from conette_engine.errors import InputError
 from conette_protocol import HttpRequest, ServerError, choose_codec, error_reply
 
 logger = logging.getLogger(__name__)
 
 # Engine settings read from the `handler:` section of model-config.yaml; option values are server-wide defaults.
-HANDLER_SETTINGS = ("max_duration_s", "max_instances", "max_request_work_s", "max_request_beam_mib", "threads",
+HANDLER_SETTINGS = ("max_duration_s", "max_segmented_duration_s", "max_instances", "max_request_work_s",
+                    "max_request_beam_mib", "threads",
                     *OPTION_NAMES)
 
 
@@ -62,10 +64,14 @@ class ConetteHandler(BaseHandler):
                           int(float(settings.get("max_request_beam_mib", DEFAULT_REQUEST_BEAM_BYTES / 2**20)) * 2**20))
         self.engine = CaptioningEngine.load(context.system_properties["model_dir"], device=device,
                                             max_duration_s=float(settings.get("max_duration_s", 30.0)),
-                                            max_request_work=work_limit)
+                                            max_request_work=work_limit,
+                                            max_segmented_duration_s=float(settings.get(
+                                                "max_segmented_duration_s", DEFAULT_MAX_SEGMENTED_DURATION_S)))
         # Clips per v1/v2 request: bounds one batch's work (batchSize x max_instances clips) below responseTimeout.
         self.max_instances = int(settings.get("max_instances", 8))
         self.default_options = {name: settings[name] for name in OPTION_NAMES if name in settings}
+        if {"segment_s", "hop_s"} & set(self.default_options):  # the answer's shape is the client's choice
+            raise ValueError("segment_s and hop_s are per-request options, not settings of the handler: section")
         self.engine.parse_options(self.default_options)  # fail at load, not per request
         self.model_info = {"name": context.model_name,
                            "version": str((context.manifest or {}).get("model", {}).get("modelVersion")
@@ -73,8 +79,9 @@ class ConetteHandler(BaseHandler):
                            "checkpoint_sha256": self.engine.checkpoint_sha256}
         self.context, self.initialized = context, True
         logger.info("CoNeTTE engine loaded on %s with %d torch threads (%d CPUs available); tasks=%s; "
-                    "max_duration_s=%s; default options=%s; checkpoint sha256=%s", device, torch.get_num_threads(),
-                    available_cpus(), self.engine.tasks, self.engine.max_duration_s, self.default_options,
+                    "max_duration_s=%s; max_segmented_duration_s=%s; default options=%s; checkpoint sha256=%s", device,
+                    torch.get_num_threads(), available_cpus(), self.engine.tasks, self.engine.max_duration_s,
+                    self.engine.max_segmented_duration_s, self.default_options,
                     self.engine.checkpoint_sha256)
 
     def handle(self, data, context):
@@ -110,13 +117,14 @@ class ConetteHandler(BaseHandler):
 
     def _engine_input(self, item):
         try:
-            return self.engine.load_audio(item.audio), self.engine.parse_options({**self.default_options,
-                                                                                 **item.options})
+            options = self.engine.parse_options({**self.default_options, **item.options})
+            return self.engine.load_audio(item.audio, options=options), options
         except InputError as error:
             raise type(error)(item.where + error.message, type=error.type) from None
 
     def _caption(self, decoded: list) -> list:
-        """Per request: its CaptionResults, or its error. One engine call for the batch; one per request if it fails."""
+        """Per request: its results (SegmentedResults for segmented clips), or its error. One engine call for the
+        batch; one per request if it fails."""
         outcomes = [inputs for _, _, inputs in decoded]
         pending = [i for i, inputs in enumerate(outcomes) if not isinstance(inputs, Exception)]
         timings: dict = {}
@@ -142,7 +150,8 @@ class ConetteHandler(BaseHandler):
         if not items:
             return []
         with torch.inference_mode():
-            results = iter(self.engine.caption([a for a, _ in items], [o for _, o in items], timings=timings))
+            results = iter(self.engine.caption_segments([a for a, _ in items], [o for _, o in items],
+                                                        timings=timings))
         return [[next(results) for _ in inputs] for inputs in requests]
 
     def _respond(self, idx: int, codec, parsed, inputs, outcome) -> bytes:

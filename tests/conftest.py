@@ -272,6 +272,7 @@ def ts_server(tmp_path_factory, model_store_dir):
 # ---- real encoded audio, and the in-process engine as the oracle of what the server must answer ----------------
 
 MAX_DURATION_S = 30.0  # handler: max_duration_s in handler/model-config.yaml
+MAX_SEGMENTED_DURATION_S = 180.0  # handler: max_segmented_duration_s
 
 
 @pytest.fixture(scope="session")
@@ -291,6 +292,10 @@ def clips(tmp_path_factory) -> dict[str, bytes]:
         "noise_wav24": make_audio(tmp, "wav24", seconds=0.9, sample_rate=48000, signal="noise"),
         "pink_sox_wav": sox_clip,
         "too_long_wav": make_audio(tmp, "wav16", seconds=MAX_DURATION_S + 1, sample_rate=8000),
+        # Segmented captioning: a long recording (noise, AAC stereo 44.1 kHz), clips at and over the segmented limit.
+        "long_m4a": make_audio(tmp, "m4a", seconds=47.3, sample_rate=44100, channels=2, signal="noise"),
+        "segmented_max_wav": make_audio(tmp, "wav16", seconds=MAX_SEGMENTED_DURATION_S, sample_rate=8000),
+        "segmented_too_long_wav": make_audio(tmp, "wav16", seconds=MAX_SEGMENTED_DURATION_S + 1, sample_rate=8000),
     }
     return {name: Path(path).read_bytes() for name, path in paths.items()}
 
@@ -307,9 +312,9 @@ def expected(engine, clips):
 
     def answer(name: str, **options) -> dict:
         key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            audio = engine.load_audio(clips[name])
-            cache[key] = engine.caption([audio], [engine.parse_options({"beam_size": 3, **options})])[0].to_dict()
+        if key not in cache:  # segment_s in the options: the segmented answer
+            opts = engine.parse_options({"beam_size": 3, **options})
+            cache[key] = engine.caption_segments([engine.load_audio(clips[name], options=opts)], [opts])[0].to_dict()
         return cache[key]
 
     return answer

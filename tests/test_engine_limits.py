@@ -123,3 +123,25 @@ def test_the_limit_is_a_setting(test_checkpoint_dir):
     strict.check_request_work([(audio, strict.parse_options({"beam_size": 1, "max_pred_size": 5}))])
     with pytest.raises(WorkLimitError, match="0.5 s"):
         strict.check_request_work([(audio, strict.parse_options({}))] * 8)
+
+
+def test_a_segmented_clip_counts_its_windows(engine):
+    """Overlapping windows cover more audio than the clip: the estimate sums over the windows, not the clip."""
+    plain = engine.parse_options({})
+    overlapping = engine.parse_options({"segment_s": 10, "hop_s": 5})
+    audio = engine.load_audio(noise(60.0), sample_rate=32_000, options=overlapping)
+    windows = [item_work(10.0, plain)] * 11  # starts 0, 5, ..., 50
+    assert engine.check_request_work([(audio, overlapping)]) == sum(windows, Work(0.0, 0))
+
+
+def test_the_segmented_duration_limit_agrees_with_the_work_limit(engine):
+    """At max_segmented_duration_s, default options and windows of 10 s or more pass the work check, overlapping
+    or not (overlap lowers the duration limit in proportion); shorter windows may not, and are told so."""
+    limit = engine.max_segmented_duration_s
+    for segment_s, hop_s in [(10, 10), (10, 5), (10, 2.5), (29, 29), (20, 7)]:
+        options = engine.parse_options({"segment_s": segment_s, "hop_s": hop_s})
+        audio = engine.load_audio(noise(limit * hop_s / segment_s), sample_rate=32_000, options=options)
+        assert engine.check_request_work([(audio, options)]).seconds <= DEFAULT_REQUEST_WORK_S
+    options = engine.parse_options({"segment_s": 5})
+    with pytest.raises(WorkLimitError, match=r"longer windows \(segment_s\)"):
+        engine.check_request_work([(engine.load_audio(noise(limit), sample_rate=32_000, options=options), options)])

@@ -65,7 +65,7 @@ def solo(handler, clips):
     def answer(name: str, **options) -> dict:
         engine: CaptioningEngine = handler.engine
         options = engine.parse_options({**handler.default_options, **options})
-        return engine.caption([engine.load_audio(clips[name])], [options])[0].to_dict()
+        return engine.caption_segments([engine.load_audio(clips[name], options=options)], [options])[0].to_dict()
     return answer
 
 
@@ -182,7 +182,7 @@ def test_client_errors_get_their_own_status_in_a_mixed_batch(handler, clips, sol
 def poisoned(handler, clips, monkeypatch):
     """The real engine, except that clips as long as the speech clip make it raise (or, with .nan, give NaN)."""
     poison_s = handler.engine.load_audio(clips["speech"]).duration_s
-    real_caption = handler.engine.caption
+    real_caption = handler.engine.caption_segments
     mode = {"nan": False}
 
     def caption(audios, options, timings=None):
@@ -193,7 +193,7 @@ def poisoned(handler, clips, monkeypatch):
             results = [replace(r, score=math.nan) if a.duration_s == poison_s else r for a, r in zip(audios, results)]
         return results
 
-    monkeypatch.setattr(handler.engine, "caption", caption)
+    monkeypatch.setattr(handler.engine, "caption_segments", caption)
     return mode
 
 
@@ -228,10 +228,10 @@ def test_non_finite_number_from_the_engine_is_a_500_not_invalid_json(handler, cl
 def test_crash_while_decoding_one_request_is_a_500_for_it_alone(handler, clips, solo, monkeypatch):
     real_load = handler.engine.load_audio
 
-    def load_audio(source, sample_rate=None):
+    def load_audio(source, sample_rate=None, options=None):
         if source == clips["speech"]:
             raise MemoryError("simulated decoder crash")
-        return real_load(source, sample_rate)
+        return real_load(source, sample_rate, options=options)
 
     monkeypatch.setattr(handler.engine, "load_audio", load_audio)
     replies = serve(handler, [raw(clips["speech"]), raw(clips["tone"])])
@@ -247,12 +247,30 @@ def test_unknown_handler_settings_fail_at_load(test_checkpoint_dir):
         ConetteHandler().initialize(context)
 
 
-def test_segmented_options_are_never_answered_as_a_whole_clip(handler, clips, solo):
-    """Until requests are served segmented, segment_s/hop_s get a 400, never a whole-clip answer."""
-    replies = serve(handler, [raw(clips["tone"], segment_s="5"), raw(clips["speech"]),
-                              as_json({"audio": b64(clips["tone"]), "segment_s": 2, "hop_s": 1})])
-    assert [status for status, _, _ in replies] == [400, 200, 400]
-    for _, _, body in (replies[0], replies[2]):
-        error = json.loads(body)["error"]
-        assert error["type"] == "invalid_option" and "segment_s" in error["message"]
-    assert_same(json.loads(replies[1][2]), solo("speech"))
+def test_segmented_and_whole_clip_requests_share_one_engine_call(handler, clips, solo, monkeypatch):
+    """One caption_segments call for the batch; each request gets the answer it gets alone."""
+    calls = []
+    real_caption = handler.engine.caption_segments
+
+    def caption_segments(audios, options, timings=None):
+        calls.append(len(audios))
+        return real_caption(audios, options, timings=timings)
+
+    monkeypatch.setattr(handler.engine, "caption_segments", caption_segments)
+    replies = serve(handler, [raw(clips["speech"], segment_s="1"), raw(clips["tone"]),
+                              as_json({"audio": b64(clips["speech"]), "segment_s": 1, "hop_s": 0.5})])
+    assert [status for status, _, _ in replies] == [200, 200, 200] and calls == [3]
+    for (_, _, body), want in zip(replies, [solo("speech", segment_s=1), solo("tone"),
+                                            solo("speech", segment_s=1, hop_s=0.5)]):
+        got = json.loads(body)
+        assert set(got) == set(want) | {"model"}
+        for got_part, want_part in zip(got.get("segments", [got]), want.get("segments", [want])):
+            assert_same({**got_part, "task": got["task"]}, {**want_part, "task": want["task"]})
+    assert [(s["start_s"], s["end_s"]) for s in json.loads(replies[2][2])["segments"]] == [(0.0, 1.0), (0.5, 1.6)]
+
+
+def test_segment_options_are_not_handler_settings(test_checkpoint_dir):
+    context = Context("conette", str(test_checkpoint_dir), {}, 1, None, "0.12.0", metrics=RecordingMetrics(),
+                      model_yaml_config={"handler": {"segment_s": 10}})
+    with pytest.raises(ValueError, match="per-request"):
+        ConetteHandler().initialize(context)

@@ -11,7 +11,7 @@ Pipeline stages, one module each:
 
 Public API (what the handler and the scripts use):
 
-    engine = CaptioningEngine.load(model_dir, device="cpu", max_duration_s=30.0, max_segmented_duration_s=300.0)
+    engine = CaptioningEngine.load(model_dir, device="cpu", max_duration_s=30.0, max_segmented_duration_s=180.0)
     engine.tasks                 # list[str], from the checkpoint's config, first = default
     engine.checkpoint_sha256     # str
     opts = engine.parse_options(mapping)   # DecodingOptions.parse with the checkpoint's defaults; OptionError

@@ -71,9 +71,10 @@ def item_work(duration_s: float, options: DecodingOptions) -> Work:
 
 # Longest clip accepted for segmented captioning (segment_s) when its windows do not overlap; overlapping windows
 # (hop_s < segment_s) lower it in proportion, so that the audio the encoder sees stays within it. A window costs
-# what a clip of its length costs: one 300 s request takes ~5.5 s on 2 cores with the full-size model, a full
-# batch of 8 ~45 s, well inside responseTimeout (120 s); docs/long-recordings.md has the measurements.
-DEFAULT_MAX_SEGMENTED_DURATION_S = 300.0
+# what a clip of its length costs (docs/long-recordings.md has the measurements). Chosen to agree with the work
+# limit: a request at this limit in windows of 10 s or more passes check_request_work at the default options
+# (180 s in 18 windows of 10 s: 0.035 x 180 + 18 x 0.22 = 10.3 s <= DEFAULT_REQUEST_WORK_S).
+DEFAULT_MAX_SEGMENTED_DURATION_S = 180.0
 
 
 @dataclass
@@ -231,16 +232,22 @@ class CaptioningEngine:
         """items: (DecodedAudio, DecodingOptions) pairs of one request. Returns their estimated Work; raises
         WorkLimitError (400) when it exceeds max_request_work, before any model work is spent on them."""
         items = list(items)
-        work = sum((item_work(audio.duration_s, opts) for audio, opts in items), Work(0.0, 0))
+        # A segmented clip is as many engine items as it has windows; overlapping windows cover more than the clip.
+        pieces = [((stop - start) / audio_io.SAMPLE_RATE, opts) for audio, opts in items
+                  for start, stop in (segment_bounds(audio.waveform.shape[0], opts.segment_s, opts.hop_s)
+                                      if opts.segmented else [(0, audio.waveform.shape[0])])]
+        work = sum((item_work(duration_s, opts) for duration_s, opts in pieces), Work(0.0, 0))
         limit = self.max_request_work
         if work.seconds > limit.seconds or work.beam_bytes > limit.beam_bytes:
-            audio_s = sum(audio.duration_s for audio, _ in items)
+            audio_s = sum(duration_s for duration_s, _ in pieces)
+            advice = ("Send fewer or shorter clips per request, use longer windows (segment_s), or lower beam_size / "
+                      "max_pred_size" if any(opts.segmented for _, opts in items) else
+                      "Send fewer or shorter clips per request, or lower beam_size / max_pred_size")
             raise WorkLimitError(
-                f"this request is too expensive: {len(items)} clip(s), {audio_s:.1f} s of audio, up to "
+                f"this request is too expensive: {len(pieces)} clip(s) or windows, {audio_s:.1f} s of audio, up to "
                 f"{max(o.beam_size for _, o in items)} beams x {max(o.max_pred_size for _, o in items)} tokens "
                 f"is about {work.seconds:.1f} s of compute and {work.beam_bytes / 2**20:.0f} MiB of decoder memory; "
-                f"one request may use {limit.seconds:.1f} s and {limit.beam_bytes / 2**20:.0f} MiB. Send fewer or "
-                "shorter clips per request, or lower beam_size / max_pred_size"
+                f"one request may use {limit.seconds:.1f} s and {limit.beam_bytes / 2**20:.0f} MiB. {advice}"
             )
         return work
 

@@ -3,7 +3,9 @@
 Request: {"id": ..., "inputs": [{"name": "audio", "datatype": "BYTES", "shape": [n], "data": [<base64>, ...]}],
 "parameters": {<option>: <value>, ...}, "outputs": [{"name": "caption", "parameters": {"binary_data": true}}]}.
 Answer: outputs `caption` (BYTES), `score` (FP32) and `tags` (BYTES, each a JSON list of {"label", "score"}),
-each of shape [n]; outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
+each of shape [n]; with the option segment_s (a timeline of windows), `segments` (BYTES, each a JSON list of
+{"start_s", "end_s", "caption", "score", "candidates", "tags"}) and `tags` (the whole recording's) instead.
+Outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`)
 come back in the binary tensor extension (see oip_v2_binary). Errors: {"error": "<message>", "type": "<type>"},
 the protocol's shape (`error` is a string).
 """
@@ -20,7 +22,10 @@ from .records import (HttpRequest, Item, ParsedRequest, Reply, ServerError, chec
                       dumps, json_object)
 
 INPUT_NAME = "audio"
-OUTPUT_DATATYPES = {"caption": "BYTES", "score": "FP32", "tags": "BYTES"}
+OUTPUT_DATATYPES = {"caption": "BYTES", "score": "FP32", "tags": "BYTES", "segments": "BYTES"}
+CLIP_OUTPUTS = ("caption", "score", "tags")
+SEGMENTED_OUTPUTS = ("segments", "tags")  # options are per request: all its clips are segmented or none
+JSON_OUTPUTS = ("tags", "segments")  # BYTES outputs whose elements are JSON texts
 # Parameters the protocol (or Triton's clients) define for their own use: never decoding options.
 IGNORED_PARAMETERS = ("timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "headers")
 UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size",
@@ -71,16 +76,15 @@ def parse_header(body: dict, query_options: dict, max_instances: int, binary: by
     return ParsedRequest(
         items=[Item(audio, options, where=f"{INPUT_NAME}.data[{n}]: ") for n, audio in enumerate(payloads)],
         request_id=str(client_id) if client_id is not None else None,
-        outputs=_requested_outputs(body.get("outputs"), request_parameters.get(BINARY_OUTPUTS, False)),
+        outputs=_requested_outputs(body.get("outputs"), request_parameters.get(BINARY_OUTPUTS, False),
+                                   SEGMENTED_OUTPUTS if options.get("segment_s") is not None else CLIP_OUTPUTS),
     )
 
 
 def format(parsed: ParsedRequest, answers: list[dict], model: dict) -> Reply:
-    tensors = {
-        "caption": [answer["caption"] for answer in answers],
-        "score": [answer["score"] for answer in answers],
-        "tags": [dumps(answer["tags"]).decode("utf-8") for answer in answers],
-    }
+    tensors = {name: [dumps(answer[name]).decode("utf-8") if name in JSON_OUTPUTS else answer[name]
+                      for answer in answers]
+               for name in parsed.outputs}
     header = {"model_name": model["name"], "model_version": model["version"], "id": parsed.request_id,
               "outputs": []}
     buffers = []
@@ -128,17 +132,18 @@ def _options(parameters: dict) -> dict:
     return {k: v for k, v in parameters.items() if k not in BINARY_PARAMETERS}
 
 
-def _requested_outputs(outputs: Any, binary_default: bool) -> dict[str, bool]:
-    """Output name -> binary, in the order asked for (every output when none is named)."""
+def _requested_outputs(outputs: Any, binary_default: bool, available: tuple[str, ...]) -> dict[str, bool]:
+    """Output name -> binary, in the order asked for (every available output when none is named)."""
     if outputs is None:
-        return {name: binary_default for name in OUTPUT_DATATYPES}
+        return {name: binary_default for name in available}
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InputError("'outputs' must be a list of objects", type="invalid_request")
     requested = {}
     for n, output in enumerate(outputs):
         name = output.get("name")
-        if name not in OUTPUT_DATATYPES:
-            raise InputError(f"outputs[{n}]: unknown output {name!r}; outputs: {list(OUTPUT_DATATYPES)}",
+        if name not in available:
+            kind = "with segment_s" if available == SEGMENTED_OUTPUTS else "without segment_s"
+            raise InputError(f"outputs[{n}]: unknown output {name!r}; outputs {kind}: {list(available)}",
                              type="invalid_request")
         parameters = _parameters(output.get("parameters"), f"outputs[{n}].parameters")
         requested[name] = parameters.get(BINARY_OUTPUT, binary_default)
