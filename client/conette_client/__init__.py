@@ -10,6 +10,7 @@ Shared helpers, imported by the commands, the tests and the maintainer tools:
     torchserve.py  config.properties, the management API, READY polling
     prometheus.py  Prometheus text from the metrics port
     files.py       file sha256, free loopback ports
+    timeline.py    conette-caption --segment: window requests, reassembly, text/SRT/WebVTT
 
 Nothing here imports torch at module level: the management helper stays a light client.
 """

@@ -22,6 +22,13 @@ Output: one line per file on stdout ("PATH [task] caption"), or JSON lines with 
 response plus "file", or "file", "task", "status" and "error" for a failed file); errors, the progress bar and a
 closing summary (files, audio hours, wall time, failures) on stderr.
 
+Long recordings and video (--segment S [--hop H]): each file is read locally in bounded memory with the
+engine's streamed decoding and resampling, cut into the windows a server would cut for segment_s / hop_s,
+and each window is sent as its own request (its 32 kHz samples as a float32 WAV), --concurrency at a time,
+with the retry rule above; the answers are reassembled into the server's segmented answer. --format text,
+json, csv, srt or vtt (subtitles: one cue per window; several inputs need --out-dir). See
+docs/long-recordings.md and docs/commands.md.
+
 The inference token is --token, or the "inference" key of TorchServe's key_file.json, read from
 --key-file, else from ./key_file.json, else from the root of the checkout the command runs from.
 
@@ -41,13 +48,14 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import requests
 
 from .keys import KEY_FILE_NAME, KeyFileError, resolve_token
+from .timeline import SAMPLE_RATE, SUBTITLE_FORMATS, assemble, float_wav_bytes, text_lines, timestamp
 from .torchserve import DEFAULT_ADDRESSES, DEFAULT_MODEL
 
 # What a directory given to --audio contributes; files named explicitly are sent whatever their name.
@@ -59,7 +67,11 @@ RETRY_STATUSES = {502, 503, 504, 507}
 WORKER_DIED_MESSAGE = "Worker died."
 # --task takes one task or one per file, so it is not one of the generated decoding-option flags.
 PER_FILE_OPTIONS = ("task",)
+# Segmentation is done on the client side (any length, streamed): never sent, and also spelled --segment / --hop.
+CLIENT_SIDE_OPTIONS = {"segment_s": "--segment", "hop_s": "--hop"}
 CSV_COLUMNS = ("audio", "task", "candidate", "score", "tags", "duration_s", "error")
+SEGMENT_CSV_COLUMNS = ("file", "start_s", "end_s", "task", "caption", "score", "tags", "error")
+OUTPUT_FORMATS = ("text", "json", "csv", *SUBTITLE_FORMATS)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 
 
@@ -89,6 +101,25 @@ class Outcome:
         return json.dumps(
             {"file": self.path, "task": self.task, "status": self.status, "error": self.error}, ensure_ascii=False
         )
+
+    def segment_csv_rows(self) -> list[dict]:
+        """With --segment: one row per window (file, start_s, end_s, task, caption, score, tags), or the error."""
+        if self.response is None:
+            error = f"{self.error['type']}: {self.error['message']}"
+            return [{"file": self.path, "task": self.task or "", "error": error}]
+        return [
+            {
+                "file": self.path,
+                "start_s": segment["start_s"],
+                "end_s": segment["end_s"],
+                "task": self.response["task"],
+                "caption": segment["caption"],
+                "score": segment["score"],
+                "tags": "; ".join(tag["label"] for tag in segment["tags"]),
+                "error": "",
+            }
+            for segment in self.response["segments"]
+        ]
 
     def csv_row(self) -> dict:
         if self.response is None:
@@ -180,7 +211,11 @@ class Client:
         except OSError as error:
             outcome.error = {"type": "file_unreadable", "message": f"{error.strerror or error}"}
             return outcome
-        params = dict(self.params, **({"task": task} if task else {}))
+        return self.send(body, outcome)
+
+    def send(self, body: bytes, outcome: Outcome) -> Outcome:
+        """POST one body with the retry rule; the answer or the error goes into `outcome`."""
+        params = dict(self.params, **({"task": outcome.task} if outcome.task else {}))
         for attempt in range(self.retries + 1):
             outcome.attempts = attempt + 1
             retry_after = None
@@ -264,25 +299,28 @@ def backoff_delay(attempt: int, base_s: float, retry_after: str | None) -> float
 class ProgressBar:
     """One self-rewriting line on stderr, drawn only when stderr is a terminal."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.failed = total, 0, 0
+    def __init__(self, total: int, enabled: bool, unit: str = "files"):
+        self.total, self.done, self.failed, self.unit = total, 0, 0, unit
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.monotonic()
+        self._lock = threading.Lock()  # windows are counted from the request threads
 
     def update(self, failed: bool) -> None:
-        self.done += 1
-        self.failed += failed
-        self.draw()
+        with self._lock:
+            self.done += 1
+            self.failed += failed
+            self.draw()
 
     def draw(self) -> None:
         if not self.enabled:
             return
         width = 30
-        filled = width * self.done // max(self.total, 1)
+        total = max(self.total, self.done)  # windows are estimated from the header until a file is read through
+        filled = width * self.done // max(total, 1)
         elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        eta = elapsed / self.done * (total - self.done) if self.done else 0.0
         sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} files, "
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} {self.unit}, "
             f"{self.failed} failed, {elapsed:.0f}s elapsed, ~{eta:.0f}s left "
         )
         sys.stderr.flush()
@@ -293,16 +331,16 @@ class ProgressBar:
             sys.stderr.flush()
 
 
-def write_csv(path: str, outcomes: list[Outcome]) -> None:
+def write_csv(path: str, rows: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
     """Write to a temporary file next to `path`, then rename: a reader never sees half a CSV."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
         with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(stream, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(outcome.csv_row() for outcome in outcomes)
+            writer.writerows(rows)
         os.replace(temporary, target)
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -333,6 +371,7 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> list[str]:
         meta = spec.metadata
         parser.add_argument(
             f"--{spec.name}",
+            *([CLIENT_SIDE_OPTIONS[spec.name]] if spec.name in CLIENT_SIDE_OPTIONS else []),
             type=meta["kind"],
             choices=meta["choices"],
             help=f"{meta['help']}: {describe_option(spec.name)} (default: the checkpoint's, on the server)",
@@ -344,6 +383,7 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> list[str]:
 def check_decoding_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Ranges checked before anything is sent: a value out of range would fail every file the same way."""
     from conette_engine.decoding import DecodingOptions, describe_option
+    from conette_engine.errors import OptionError
 
     for spec in fields(DecodingOptions):
         value = getattr(args, spec.name, None)
@@ -351,6 +391,10 @@ def check_decoding_options(parser: argparse.ArgumentParser, args: argparse.Names
             continue
         if not spec.metadata["low"] <= value <= spec.metadata["high"]:
             parser.error(f"--{spec.name} must be {describe_option(spec.name)}, got {value}")
+    try:
+        DecodingOptions(segment_s=args.segment_s, hop_s=args.hop_s).check_segmentation()
+    except OptionError as error:
+        parser.error(f"--segment / --hop: {error}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -364,6 +408,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decoding_options = add_decoding_options(parser)
     parser.add_argument("--csv_export", help="write a CSV (audio,task,candidate,score,tags,duration_s,error)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file on stdout")
+    parser.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        help="what goes on stdout: text (default), json (as --json), csv, or with --segment srt / vtt subtitles",
+    )
+    parser.add_argument(
+        "--tags", type=int, default=0, help="with --segment: the top N tags of each window in text, srt and vtt"
+    )
+    parser.add_argument(
+        "--out-dir", help="with --format srt/vtt: write DIR/<input name>.srt (or .vtt) per input instead of stdout"
+    )
     parser.add_argument(
         "--url", default=DEFAULT_ADDRESSES["inference"], help="inference API base URL (default: %(default)s)"
     )
@@ -395,6 +450,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--concurrency must be >= 1, --retries and --backoff >= 0, --timeout > 0")
     check_decoding_options(parser, args)
     args.decoding_options = decoding_options
+    args.format = args.format or ("json" if args.json else "text")
+    if args.json and args.format != "json":
+        parser.error(f"--json is --format json, not --format {args.format}")
+    if args.segment_s is None and (args.format in (*SUBTITLE_FORMATS, "csv") or args.tags or args.out_dir):
+        parser.error("--format csv/srt/vtt, --tags and --out-dir need --segment (captions on a timeline)")
+    if args.tags < 0 or (args.out_dir and args.format not in SUBTITLE_FORMATS):
+        parser.error("--tags must be >= 0; --out-dir goes with --format srt or vtt")
     return args
 
 
@@ -403,6 +465,10 @@ def report(outcome: Outcome, as_json: bool) -> None:
         print(outcome.json_line(), flush=True)
     elif outcome.response is not None:
         print(f"{outcome.path} [{outcome.response.get('task', '')}] {outcome.response.get('caption', '')}", flush=True)
+    report_error(outcome)
+
+
+def report_error(outcome: Outcome) -> None:
     if outcome.response is None:
         status = f"HTTP {outcome.status}, " if outcome.status else ""
         tries = f", after {outcome.attempts} attempts" if outcome.attempts > 1 else ""
@@ -415,7 +481,11 @@ def report(outcome: Outcome, as_json: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     paths = expand_audio_args(args.audio)
     tasks = tasks_per_file(args.task, len(paths))
-    options = {name: str(getattr(args, name)) for name in args.decoding_options if getattr(args, name) is not None}
+    options = {
+        name: str(getattr(args, name))
+        for name in args.decoding_options
+        if getattr(args, name) is not None and name not in CLIENT_SIDE_OPTIONS
+    }
     client = Client(
         # Not /predictions/{model}: TorchServe 0.12 drops the query string there, and with it the
         # options. /invocations (its SageMaker-style route) hands the query string to the handler.
@@ -426,6 +496,8 @@ def run(args: argparse.Namespace) -> int:
         backoff_s=args.backoff,
         timeout_s=args.timeout,
     )
+    if args.segment_s is not None:
+        return run_segmented(args, client, paths, tasks)
     started = time.monotonic()
     outcomes: list[Outcome | None] = [None] * len(paths)
     progress = ProgressBar(len(paths), enabled=not args.no_progress)
@@ -454,18 +526,161 @@ def run(args: argparse.Namespace) -> int:
             raise
     progress.clear()
     if refused is not None:
-        print(
-            f"error: the server refused the inference token ({refused}). Pass --token, or --key-file pointing at the "
-            f"{KEY_FILE_NAME} that TorchServe wrote in the directory it was started from (its inference key expires "
-            "after token_expiration_min, 60 by default).",
-            file=sys.stderr,
-        )
-        return EXIT_CANNOT_RUN
+        return report_refusal(refused)
     finished = [outcome for outcome in outcomes if outcome is not None]
     if args.csv_export:
-        write_csv(args.csv_export, finished)
+        write_csv(args.csv_export, [outcome.csv_row() for outcome in finished])
     print(summary_line(finished, time.monotonic() - started), file=sys.stderr)
     return EXIT_SOME_FAILED if any(outcome.response is None for outcome in finished) else EXIT_OK
+
+
+def report_refusal(refused: AuthorizationError) -> int:
+    print(
+        f"error: the server refused the inference token ({refused}). Pass --token, or --key-file pointing at the "
+        f"{KEY_FILE_NAME} that TorchServe wrote in the directory it was started from (its inference key expires "
+        "after token_expiration_min, 60 by default).",
+        file=sys.stderr,
+    )
+    return EXIT_CANNOT_RUN
+
+
+# ---------------------------------------------------------------------------------------------- --segment
+
+
+def subtitle_paths(args: argparse.Namespace, paths: list[str]) -> list[Path | None]:
+    """Where each input's subtitles go: DIR/<name>.srt with --out-dir, else stdout (None), for one input only."""
+    if args.format not in SUBTITLE_FORMATS:
+        return [None] * len(paths)
+    if not args.out_dir:
+        if len(paths) > 1:
+            raise UsageError(f"--format {args.format} with several inputs needs --out-dir (one subtitle file each)")
+        return [None]
+    targets = [Path(args.out_dir) / f"{Path(path).stem}.{args.format}" for path in paths]
+    clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise UsageError(f"inputs with the same name would share a subtitle file: {', '.join(clashes)}")
+    return targets
+
+
+def estimated_windows(path: str, segment_s: float, hop_s: float | None) -> int:
+    """The windows of a file from its header's duration, for the progress bar (0 when the header has none)."""
+    from conette_engine.segments import segment_bounds
+    from torchcodec.decoders import AudioDecoder
+
+    try:
+        metadata = AudioDecoder(path).metadata
+        duration_s = metadata.duration_seconds_from_header or metadata.duration_seconds  # Matroska: no header one
+    except Exception:  # noqa: BLE001 - only an estimate: the file's own error comes when it is read
+        return 0
+    return len(segment_bounds(round(duration_s * SAMPLE_RATE), segment_s, hop_s)) if duration_s else 0
+
+
+def caption_recording(pool: ThreadPoolExecutor, client: Client, path: str, task: str | None,
+                      args: argparse.Namespace, progress: ProgressBar) -> Outcome:
+    """Stream one recording's windows, send each as a request (several in flight), and assemble the answers."""
+    from conette_engine.audio import AudioStream
+    from conette_engine.errors import InputError
+    from conette_engine.segments import stream_windows
+
+    outcome = Outcome(path=path, task=task)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        outcome.error = {"type": "file_unreadable", "message": "no such readable file"}
+        return outcome
+    estimate = estimated_windows(path, args.segment_s, args.hop_s)
+    progress.total += estimate
+    # Windows waiting for an answer hold their samples: bound them, so memory does not grow with the recording.
+    slots = threading.BoundedSemaphore(2 * args.concurrency)
+    failed = threading.Event()
+    sent: list[tuple[int, int, Future]] = []
+
+    def send_window(body: bytes) -> Outcome:
+        # Counted before the answer is handed back, so the bar has every window once the answers are collected.
+        try:
+            answer = client.send(body, Outcome(path=path, task=task))
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            slots.release()
+        if answer.response is None:
+            failed.set()
+        progress.update(failed=answer.response is None)
+        return answer
+
+    try:
+        stream = AudioStream(path)
+        for window in stream_windows(stream, args.segment_s, args.hop_s):
+            if failed.is_set() or client.stopping.is_set():
+                break
+            body = float_wav_bytes(window.waveform.numpy().tobytes())
+            slots.acquire()
+            sent.append((window.start, window.stop, pool.submit(send_window, body)))
+    except InputError as error:
+        outcome.error = {"type": error.type, "message": str(error)}
+    answers = [(start, stop, future.result()) for start, stop, future in sent]  # raises AuthorizationError
+    if outcome.error is None and not failed.is_set():
+        progress.total += len(answers) - estimate
+    for start, stop, answer in answers:
+        if answer.response is None and outcome.error is None:
+            outcome.status, outcome.attempts = answer.status, answer.attempts
+            outcome.error = {
+                "type": answer.error["type"],
+                "message": f"window {timestamp(start / SAMPLE_RATE)} --> {timestamp(stop / SAMPLE_RATE)}: "
+                f"{answer.error['message']}",
+            }
+    if outcome.error is None:
+        audio = {"duration_s": stream.duration_s, "sample_rate": stream.sample_rate, "channels": stream.channels}
+        outcome.response = assemble([(start, stop, answer.response) for start, stop, answer in answers], audio)
+    return outcome
+
+
+def report_segmented(outcome: Outcome, args: argparse.Namespace, subtitle_path: Path | None) -> None:
+    report_error(outcome)
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=SEGMENT_CSV_COLUMNS, lineterminator="\n")
+        writer.writerows(outcome.segment_csv_rows())
+    elif args.format == "json":
+        print(outcome.json_line())
+    elif outcome.response is None:
+        pass
+    elif args.format == "text":
+        print("\n".join([f"{outcome.path} [{outcome.response['task']}]", *text_lines(outcome.response, args.tags)]))
+    elif subtitle_path is None:
+        sys.stdout.write(SUBTITLE_FORMATS[args.format](outcome.response, args.tags))
+    else:
+        subtitle_path.parent.mkdir(parents=True, exist_ok=True)
+        subtitle_path.write_text(SUBTITLE_FORMATS[args.format](outcome.response, args.tags), encoding="utf-8")
+        print(f"{outcome.path}: {len(outcome.response['segments'])} cues in {subtitle_path}", file=sys.stderr)
+    sys.stdout.flush()
+
+
+def run_segmented(args: argparse.Namespace, client: Client, paths: list[str], tasks: list[str | None]) -> int:
+    """--segment: the files one after another, each file's windows several at a time (--concurrency)."""
+    targets = subtitle_paths(args, paths)
+    started = time.monotonic()
+    progress = ProgressBar(0, enabled=not args.no_progress, unit="windows")
+    if args.format == "csv":
+        print(",".join(SEGMENT_CSV_COLUMNS))
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        try:
+            for path, task, target in zip(paths, tasks, targets):
+                outcome = caption_recording(pool, client, path, task, args, progress)
+                outcomes.append(outcome)
+                progress.clear()
+                report_segmented(outcome, args, target)
+                progress.draw()
+        except AuthorizationError as refused:
+            progress.clear()
+            return report_refusal(refused)
+        except KeyboardInterrupt:
+            client.stopping.set()
+            raise
+    progress.clear()
+    if args.csv_export:
+        write_csv(args.csv_export, [row for o in outcomes for row in o.segment_csv_rows()], SEGMENT_CSV_COLUMNS)
+    print(summary_line(outcomes, time.monotonic() - started), file=sys.stderr)
+    return EXIT_SOME_FAILED if any(outcome.response is None for outcome in outcomes) else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
