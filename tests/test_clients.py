@@ -6,7 +6,6 @@ only argument they need beyond the defaults is the Authorization header of Torch
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audio_factory import b64
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
@@ -21,9 +21,6 @@ from test_server import SCORE_ATOL
 
 CLIP_NAMES = ["speech_wav", "noise_mp3"]
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 @pytest.fixture(scope="module")

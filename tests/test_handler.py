@@ -6,7 +6,6 @@ one request made to fail.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import struct
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from ts.context import Context, RequestProcessor
 
-from audio_factory import make_audio
+from audio_factory import b64, make_audio
 from conette_engine.engine import CaptioningEngine
 from conette_handler import ConetteHandler
 from conftest import REPO_ROOT
@@ -68,9 +67,6 @@ def solo(handler, clips):
         return engine.caption_segments([engine.load_audio(clips[name], options=options)], [options])[0].to_dict()
     return answer
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def serve(handler: ConetteHandler, requests: list[tuple[dict, dict]]) -> list[tuple[int, dict, bytes]]:

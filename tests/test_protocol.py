@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import struct
 
 import numpy as np
 import pytest
+from audio_factory import b64
 import tritonclient.http as triton
 from tritonclient.utils import deserialize_bytes_tensor
 
@@ -28,9 +28,6 @@ def parse_request(http_request: HttpRequest, max_instances: int) -> tuple:
     codec = choose_codec(http_request)
     return codec, codec.parse(http_request, max_instances)
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def request(body=None, content_type: str | None = None, headers: dict | None = None, **fields) -> HttpRequest:

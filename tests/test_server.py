@@ -6,7 +6,6 @@ request's answer is the answer it would get alone, whatever shared its batch.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from audio_factory import make_audio
+from audio_factory import b64, make_audio
 from conette_engine.engine import CaptioningEngine
 from conette_client.files import free_ports
 from conette_client.prometheus import metric_total
@@ -30,9 +29,6 @@ PROB_ATOL = 1e-5
 GOOD_CLIPS = ("speech_wav", "tone_flac", "noise_mp3", "tone_ogg", "speech_opus", "tone_m4a", "noise_wav24",
               "pink_sox_wav")
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def assert_same_answer(got: dict, want: dict) -> None:

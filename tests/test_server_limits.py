@@ -3,20 +3,16 @@ answers of TorchServe's frontend where it answers before the handler (docs/relia
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 
 import pytest
 
-from audio_factory import make_audio
+from audio_factory import b64, make_audio
 from fuzz_cases import handler_error
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def assert_handler_error(response, status: int, error_type: str) -> dict:

@@ -12,6 +12,7 @@ them `sample_rate` is only the rate the signal is generated at.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import struct
 import subprocess
@@ -102,3 +103,8 @@ def float_wav_bytes(waveform, sample_rate: int) -> bytes:
     fmt_chunk = struct.pack("<HHIIHH", 3, channels, sample_rate, sample_rate * channels * 4, channels * 4, 32)
     chunks = b"fmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk + b"data" + struct.pack("<I", len(data)) + data
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def b64(data: bytes) -> str:
+    """Audio bytes as the base64 text the JSON request styles carry."""
+    return base64.b64encode(data).decode("ascii")

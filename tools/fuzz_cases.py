@@ -10,13 +10,13 @@ Whatever the case, the server never answers 5xx, never emits NaN/Infinity, and i
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from audio_factory import b64
 from hypothesis import strategies as st
 
 TASKS = ("clotho", "audiocaps", "macs", "wavcaps_audioset_sl", "wavcaps_bbc_sound_effects", "wavcaps_freesound",
@@ -35,9 +35,6 @@ class Case:
     body: str | None = None  # style "json_text": the exact body
     label: str = field(default="", compare=False)  # what makes a bad case bad
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def send(server, case: Case, clips: dict[str, bytes]):
