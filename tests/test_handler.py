@@ -270,3 +270,21 @@ def test_segment_options_are_not_handler_settings(test_checkpoint_dir):
                       model_yaml_config={"handler": {"segment_s": 10}})
     with pytest.raises(ValueError, match="per-request"):
         ConetteHandler().initialize(context)
+
+
+def test_work_limit_comes_from_the_handler_settings(test_checkpoint_dir, clips):
+    """max_request_work_s / max_request_beam_mib in model-config.yaml bound one request (400 beyond them)."""
+    def handler_with(settings: dict) -> ConetteHandler:
+        context = Context("conette", str(test_checkpoint_dir), {}, 8, None, "0.12.0", metrics=RecordingMetrics(),
+                          model_yaml_config={"handler": settings})
+        one = ConetteHandler()
+        one.initialize(context)
+        return one
+
+    request = raw(clips["speech"], beam_size="16", max_pred_size="100")
+    assert serve(handler_with({}), [request])[0][0] == 200
+    for settings in ({"max_request_work_s": 0.5}, {"max_request_beam_mib": 1}):
+        ((status, _, body),) = serve(handler_with(settings), [request])
+        error = json.loads(body)["error"]
+        assert (status, error["type"]) == (400, "request_too_expensive"), body
+        assert "one request may use" in error["message"]
