@@ -103,7 +103,7 @@ class DecodingOptions:
             if self.hop_s is not None:
                 raise OptionError("hop_s needs segment_s (the window length)", "invalid_option")
             return
-        hop_s = self.segment_s if self.hop_s is None else self.hop_s
+        hop_s = self.window_hop_s
         if not self.segment_s / MAX_WINDOW_OVERLAP <= hop_s <= self.segment_s:
             raise OptionError(
                 f"hop_s ({hop_s:g}) must be between segment_s / {MAX_WINDOW_OVERLAP} "
@@ -115,6 +115,11 @@ class DecodingOptions:
     @property
     def segmented(self) -> bool:
         return self.segment_s is not None
+
+    @property
+    def window_hop_s(self) -> float | None:
+        """Seconds between window starts: hop_s, by default segment_s (None when not segmented)."""
+        return self.segment_s if self.hop_s is None else self.hop_s
 
 
 OPTION_NAMES = tuple(f.name for f in fields(DecodingOptions))

@@ -217,7 +217,7 @@ class CaptioningEngine:
         """
         if options is None or not options.segmented:
             return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=self.max_duration_s)
-        hop_s = options.hop_s or options.segment_s
+        hop_s = options.window_hop_s
         limit = self.max_segmented_duration_s * min(1.0, hop_s / options.segment_s)
         try:
             return audio_io.load_audio(source, sample_rate=sample_rate, max_duration_s=limit, segmented=True)
